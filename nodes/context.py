@@ -1,0 +1,153 @@
+"""What a scheme gets to work with on one node: segments, optimizers, data, endpoints, metrics.
+
+The runtime (nodes.runtime) builds a NodeContext from the node's config; schemes only use it.
+It owns the per-round bookkeeping a scheme should not repeat: compute timing, the loss it
+reports, the data-plane byte counters, the mini-batch stream and the checkpoint file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nodes.data import ArrayDataset
+from nodes.protocol import Endpoint, Message
+
+
+class UnexpectedMessage(RuntimeError):
+    pass
+
+
+@dataclass
+class NodeContext:
+    name: str
+    role: str
+    run: str
+    segments: dict[int, nn.Sequential]
+    optimizers: dict[int, torch.optim.Optimizer]
+    clients: list[str]
+    servers: list[str]
+    router: Endpoint | None = None            # where peers connect to us
+    peers: dict[str, Endpoint] = field(default_factory=dict)  # where we connect to
+    data: ArrayDataset | None = None
+    batch_size: int = 32
+    seed: int = 0
+    step_timeout_s: float = 300.0
+    ckpt_path: str | None = None
+    # per-round metrics, reset by the runtime
+    compute_s: float = 0.0
+    cpu_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    _cursor: int = 0
+    _order: torch.Tensor | None = None
+    _gen: torch.Generator | None = None
+
+    # -- model --------------------------------------------------------------------------------
+    def model(self) -> nn.Sequential:
+        """The segments this node holds, composed in model order."""
+        return nn.Sequential(*(self.segments[i] for i in sorted(self.segments)))
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    @contextmanager
+    def compute(self) -> Iterator[None]:
+        """Time a block of local computation (wall and this thread's CPU)."""
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.compute_s += time.perf_counter() - w
+            self.cpu_s += time.thread_time() - c
+
+    def record_loss(self, loss: float, n: int) -> None:
+        self.loss_sum += float(loss) * n
+        self.loss_n += n
+
+    # -- data ---------------------------------------------------------------------------------
+    def batches(self, iters: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`iters` mini-batches, walking seeded epochs over the shard across rounds."""
+        if self.data is None or len(self.data) == 0:
+            raise RuntimeError(f"node {self.name}: no training data on this node")
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        n, b = len(self.data), min(self.batch_size, len(self.data))
+        for _ in range(iters):
+            if self._order is None or self._cursor + b > n:
+                self._order, self._cursor = torch.randperm(n, generator=self._gen), 0
+            idx = self._order[self._cursor:self._cursor + b]
+            self._cursor += b
+            self.samples += b
+            yield self.data.x[idx], self.data.y[idx]
+
+    # -- messages -----------------------------------------------------------------------------
+    def endpoint(self, peer: str) -> Endpoint:
+        return self.peers.get(peer, self.router)
+
+    def expect(self, ep: Endpoint, mtype: str, rnd: int, step: int,
+               peer: str | None = None) -> tuple[str, Message]:
+        """Receive the next data-plane message, which must be `mtype` for (rnd, step)."""
+        sender, msg = ep.recv(self.step_timeout_s)
+        if msg.type != mtype or msg.round != rnd or msg.step != step or (
+                peer is not None and sender != peer):
+            raise UnexpectedMessage(
+                f"node {self.name}: expected {mtype} round {rnd} step {step}"
+                f"{' from ' + peer if peer else ''}, got {msg.type} round {msg.round} "
+                f"step {msg.step} from {sender}")
+        return sender, msg
+
+    def data_endpoints(self) -> list[Endpoint]:
+        return ([self.router] if self.router else []) + list(self.peers.values())
+
+    # -- reporting ----------------------------------------------------------------------------
+    def proto_stats(self) -> dict[str, Any]:
+        """Cumulative data-plane statistics over all this node's endpoints."""
+        tot: Counter[str] = Counter()
+        by_type: Counter[str] = Counter()
+        rejected: Counter[str] = Counter()
+        for ep in self.data_endpoints():
+            tot.update(tx_bytes=ep.bytes_sent, rx_bytes=ep.bytes_recv,
+                       tx_header_bytes=ep.header_bytes_sent, rx_header_bytes=ep.header_bytes_recv,
+                       tx_msgs=ep.msgs_sent, rx_msgs=ep.msgs_recv)
+            for t, d in ep.by_type.items():
+                by_type[f"{t}.tx"] += d.get("tx_bytes", 0)
+                by_type[f"{t}.rx"] += d.get("rx_bytes", 0)
+            rejected.update(ep.rejected)
+        return {**tot, "by_type": dict(by_type), "rejected": dict(rejected)}
+
+    def round_report(self) -> dict[str, Any]:
+        return {"compute_s": self.compute_s, "cpu_s": self.cpu_s, "loss_sum": self.loss_sum,
+                "loss_n": self.loss_n, "samples": self.samples, **self.extra,
+                "proto": self.proto_stats()}
+
+    def reset_round(self) -> None:
+        self.compute_s = self.cpu_s = self.loss_sum = 0.0
+        self.loss_n = self.samples = 0
+        self.extra = {}
+
+    def checkpoint(self, rnd: int) -> None:
+        """Write segments and optimizer state atomically; evaluation and resume read it."""
+        if not self.ckpt_path:
+            return
+        state = {"round": rnd, "node": self.name,
+                 "segments": {i: s.state_dict() for i, s in self.segments.items()},
+                 "optimizers": {i: o.state_dict() for i, o in self.optimizers.items()}}
+        tmp = f"{self.ckpt_path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)

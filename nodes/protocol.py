@@ -1,0 +1,414 @@
+"""Sledge wire protocol: the one place where bytes on the wire are defined.
+
+Messages know how to become frames and back (``encode``/``decode``); Endpoints know how to move
+them over one ZeroMQ socket and count every byte; nodes and schemes never see a frame.
+
+Patterns, named as in the zguide:
+- ROUTER/DEALER for addressed flows: a node that serves several peers binds a ROUTER and addresses
+  each peer by its routing identity; a node that talks to one upstream connects a DEALER whose
+  identity is its name. DEALER speaks first (HELLO) so the ROUTER learns its identity.
+- HEARTBEAT is an ordinary small message type; liveness policy lives in the runtime.
+- No REQ/REP: its strict send/recv lockstep wedges when a peer restarts mid-exchange.
+
+A message is a multipart ZeroMQ message: frame 0 is a msgpack header, then one raw frame per
+tensor, sent and received zero-copy. Everything from a peer is untrusted and bounded: decode
+validates every header field and frame length and raises ProtocolError; an Endpoint drops such
+messages, counts them and keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+import zmq
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MSG_TYPES: frozenset[str] = frozenset(
+    {"HELLO", "CTRL", "REPORT", "ERROR", "BYE", "HEARTBEAT", "ACT", "GRAD", "GRAD_BCAST",
+     "ACT2", "GRAD2", "W_UP", "W_DOWN", "LOSS", "EVAL"}
+)
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 1024
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+MAX_NAME_CHARS = 128
+MAX_DIMS = 8
+MAX_META_KEYS = 256
+MAX_META_DEPTH = 3
+_INT_LIMIT = 2**63
+_HEADER_KEYS = frozenset({"v", "type", "run", "round", "step", "sender", "seq", "tensors", "meta"})
+
+
+class ProtocolError(ValueError):
+    """A message that violates the protocol; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class Message:
+    """One protocol message. Tensors are insertion-ordered; meta holds small JSON-like values.
+
+    Sending is zero-copy: the sender must not modify a tensor until it is sent (send detached or
+    cloned tensors). Received tensors alias the ZeroMQ frame and are read-only by design;
+    ``.clone()`` them before any in-place op.
+    """
+
+    type: str
+    run: str = ""
+    round: int = 0
+    step: int = 0
+    sender: str = ""
+    seq: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0  # header frame + tensor frames, set by encode/decode
+
+
+def _field_error(name: str, expected: str, got: Any, reason: str = "bad_field") -> ProtocolError:
+    return ProtocolError(reason, f"header field {name!r}: expected {expected}, got {got!r:.80}")
+
+
+def _check_str(value: Any, name: str, *, allow_empty: bool = True) -> str:
+    if type(value) is not str or len(value) > MAX_NAME_CHARS or (not value and not allow_empty):
+        lo = 0 if allow_empty else 1
+        raise _field_error(name, f"str of {lo}..{MAX_NAME_CHARS} chars", value)
+    return value
+
+
+def _check_int(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value < _INT_LIMIT:  # bool is not an int here
+        raise _field_error(name, "int >= 0 and < 2**63", value)
+    return value
+
+
+def _check_meta(value: Any, path: str, depth: int) -> None:
+    if value is None or type(value) in (bool, int, float, str):
+        return
+    if type(value) not in (list, dict):
+        raise _field_error(path, "None, bool, int, float, str, list or dict", value)
+    if depth > MAX_META_DEPTH:  # meta itself is depth 0
+        raise _field_error(path, f"containers nested at most {MAX_META_DEPTH} deep", value)
+    if type(value) is list:
+        for i, item in enumerate(value):
+            _check_meta(item, f"{path}[{i}]", depth + 1)
+        return
+    for key, item in value.items():
+        if type(key) is not str:
+            raise _field_error(path, "str keys", key)
+        _check_meta(item, f"{path}.{key}", depth + 1)
+
+
+def _parse_header(raw: Any) -> dict[str, Any]:
+    """Unpack and validate a header frame; every field is checked before use."""
+    try:
+        # Explicit caps so a hostile header cannot make msgpack allocate beyond the header bounds.
+        hdr = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES, max_bin_len=0,
+            max_ext_len=0, max_array_len=MAX_TENSORS, max_map_len=MAX_META_KEYS,
+        )
+    except Exception as exc:
+        raise ProtocolError("bad_header", f"frame 0 (header): not valid msgpack: {exc}") from exc
+    if type(hdr) is not dict:
+        raise ProtocolError("bad_header", f"frame 0 (header): expected a map, got {hdr!r:.80}")
+    if "v" in hdr and (type(hdr["v"]) is not int or hdr["v"] != PROTOCOL_VERSION):
+        raise _field_error("v", f"protocol version {PROTOCOL_VERSION}", hdr["v"], "version")
+    if hdr.keys() != _HEADER_KEYS:
+        missing = sorted(_HEADER_KEYS - hdr.keys())
+        extra = sorted(map(str, hdr.keys() - _HEADER_KEYS))
+        raise ProtocolError("bad_header", f"header keys: missing {missing}, unexpected {extra}")
+    if type(hdr["type"]) is not str:
+        raise _field_error("type", "str", hdr["type"])
+    if hdr["type"] not in MSG_TYPES:
+        raise _field_error("type", "a known message type", hdr["type"], "unknown_type")
+    _check_str(hdr["run"], "run")
+    _check_str(hdr["sender"], "sender")
+    for key in ("round", "step", "seq"):
+        _check_int(hdr[key], key)
+    tensors = hdr["tensors"]
+    if type(tensors) is not list or len(tensors) > MAX_TENSORS:
+        raise _field_error("tensors", f"list of <= {MAX_TENSORS} entries", tensors)
+    seen: set[str] = set()
+    for i, entry in enumerate(tensors):
+        where = f"tensors[{i}]"
+        if type(entry) is not list or len(entry) != 4:
+            raise _field_error(where, "[name, dtype, shape, nbytes]", entry)
+        name, dtype, shape, nbytes = entry
+        _check_str(name, f"{where}.name", allow_empty=False)
+        if name in seen:
+            raise _field_error(f"{where}.name", "a unique tensor name", name)
+        seen.add(name)
+        if type(dtype) is not str or dtype not in DTYPES:
+            raise _field_error(f"{where}.dtype", f"one of {sorted(DTYPES)}", dtype, "bad_dtype")
+        if (type(shape) is not list or len(shape) > MAX_DIMS
+                or any(type(d) is not int or not 0 <= d < _INT_LIMIT for d in shape)):
+            raise _field_error(f"{where}.shape", f"list of <= {MAX_DIMS} ints >= 0", shape,
+                               "bad_shape")
+        _check_int(nbytes, f"{where}.nbytes")
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if nbytes != expected:
+            raise _field_error(f"{where}.nbytes", f"{expected} for shape {shape} {dtype}", nbytes,
+                               "bad_shape")
+    meta = hdr["meta"]
+    if type(meta) is not dict or len(meta) > MAX_META_KEYS:
+        raise _field_error("meta", f"map of <= {MAX_META_KEYS} keys", meta)
+    _check_meta(meta, "meta", 0)
+    return hdr
+
+
+def _tensor_buffer(t: torch.Tensor) -> Any:
+    # Viewing every dtype as flat bytes gives one path for all (numpy has no bfloat16); no copy
+    # unless the tensor is not contiguous or not on the CPU.
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def encode(msg: Message) -> list[Any]:
+    """Return ``[header, buffer, ...]`` for ``send_multipart(copy=False)``; sets ``msg.nbytes``."""
+    entries, buffers = [], []
+    for name, t in msg.tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise _field_error(f"tensors[{name!r}]", "torch.Tensor", type(t).__name__)
+        if t.dtype not in _DTYPE_NAMES:
+            raise _field_error(f"tensors[{name!r}].dtype", f"one of {sorted(DTYPES)}",
+                               str(t.dtype), "bad_dtype")
+        buf = _tensor_buffer(t)
+        entries.append([name, _DTYPE_NAMES[t.dtype], list(t.shape), buf.nbytes])
+        buffers.append(buf)
+    hdr = {"v": PROTOCOL_VERSION, "type": msg.type, "run": msg.run, "round": msg.round,
+           "step": msg.step, "sender": msg.sender, "seq": msg.seq, "tensors": entries,
+           "meta": msg.meta}
+    try:
+        raw = msgpack.packb(hdr, use_bin_type=True)
+    except Exception as exc:  # e.g. an object in meta msgpack cannot represent
+        raise ProtocolError("bad_field", f"header field 'meta': cannot serialise: {exc}") from exc
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"frame 0 (header): {len(raw)} > {MAX_HEADER_BYTES} bytes")
+    _parse_header(raw)  # the sender applies the receiver's checks: an invalid message never leaves
+    msg.nbytes = len(raw) + sum(b.nbytes for b in buffers)
+    return [raw, *buffers]
+
+
+def _frame_view(frame: Any) -> memoryview:
+    mv = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    return mv if mv.ndim == 1 and mv.format in ("B", "b", "c") else mv.cast("B")
+
+
+def _rebuild(mv: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if mv.nbytes == 0:  # frombuffer rejects empty buffers
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # Read-only on purpose; torch would warn once per process about non-writable buffers.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        t = torch.frombuffer(mv, dtype=dtype)
+    if t.data_ptr() % dtype.itemsize:
+        # libzmq packs small messages into one receive buffer at arbitrary offsets; copy those
+        # (they are small) rather than hand kernels a misaligned pointer.
+        t = torch.frombuffer(bytearray(mv), dtype=dtype)
+    return t.reshape(shape)
+
+
+def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Validate and rebuild a message from ``[header, tensor...]``; tensors are not copied."""
+    if not 1 <= len(frames) <= 1 + MAX_TENSORS:
+        raise ProtocolError("frame_count", f"frames: expected 1..{1 + MAX_TENSORS} frames, "
+                                           f"got {len(frames)}")
+    views = [_frame_view(f) for f in frames]
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large",
+                            f"frame 0 (header): {views[0].nbytes} > {MAX_HEADER_BYTES} bytes")
+    total = sum(v.nbytes for v in views)
+    if total > max_message_bytes:
+        raise ProtocolError("too_large", f"message: {total} > {max_message_bytes} bytes")
+    hdr = _parse_header(views[0])
+    n = len(hdr["tensors"])
+    if len(frames) != 1 + n:
+        raise ProtocolError("frame_count", f"frames: header declares {n} tensors, so expected "
+                                           f"{1 + n} frames, got {len(frames)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (name, dtype, shape, nbytes) in enumerate(hdr["tensors"], start=1):
+        if views[i].nbytes != nbytes:
+            raise ProtocolError("frame_size", f"frame {i} (tensor {name!r}): expected {nbytes} "
+                                              f"bytes, got {views[i].nbytes}")
+        tensors[name] = _rebuild(views[i], DTYPES[dtype], shape)
+    return Message(type=hdr["type"], run=hdr["run"], round=hdr["round"], step=hdr["step"],
+                   sender=hdr["sender"], seq=hdr["seq"], tensors=tensors, meta=hdr["meta"],
+                   nbytes=total)
+
+
+class Endpoint:
+    """One ZeroMQ socket with sledge framing: 'router' (binds, addressed by peer identity) or
+    'dealer' (connects, identity = its name).
+
+    Not thread-safe (a ZeroMQ socket belongs to one thread). A ROUTER can only address a DEALER
+    once it has heard from it, so dealers send HELLO first.
+    """
+
+    def __init__(self, ctx: zmq.Context, kind: str, name: str, *, run: str = "",
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, send_timeout_s: float = 30.0,
+                 hwm: int = 1000, linger_s: float = 5.0) -> None:
+        if kind not in ("router", "dealer"):
+            raise ValueError(f"Endpoint kind must be 'router' or 'dealer', got {kind!r}")
+        _check_str(name, "sender", allow_empty=False)
+        _check_str(run, "run")
+        self.kind, self.name, self.run = kind, name, run
+        self.max_message_bytes = max_message_bytes
+        self.send_timeout_s = send_timeout_s
+        self._seq = 0
+        self.bytes_sent = self.bytes_recv = self.msgs_sent = self.msgs_recv = 0
+        self.header_bytes_sent = self.header_bytes_recv = 0
+        self.by_type: dict[str, dict[str, int]] = {}
+        self.rejected: collections.Counter[str] = collections.Counter()
+        sock = ctx.socket(zmq.ROUTER if kind == "router" else zmq.DEALER)
+        sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        # Positive linger: closing right after a large send must still deliver it.
+        sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        # libzmq drops (and disconnects) any frame above this before Python allocates it; it is
+        # applied per frame, so decode still bounds the whole message.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + MAX_HEADER_BYTES)
+        if kind == "router":
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> error, not a silent drop
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reclaims its identity
+        else:
+            sock.setsockopt(zmq.ROUTING_ID, name.encode())
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections, never blindly
+        self._sock = sock
+
+    def bind(self, addr: str) -> None:
+        self._sock.bind(addr)
+
+    def connect(self, addr: str) -> None:
+        self._sock.connect(addr)
+
+    @property
+    def last_endpoint(self) -> str:
+        """The address last bound or connected, resolved (e.g. the port chosen for ``:*``)."""
+        return self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _count(self, type_: str, direction: str, nbytes: int) -> None:
+        row = self.by_type.setdefault(
+            type_, {"tx_bytes": 0, "rx_bytes": 0, "tx_msgs": 0, "rx_msgs": 0})
+        row[f"{direction}_bytes"] += nbytes
+        row[f"{direction}_msgs"] += 1
+
+    def send(self, type: str, *, to: str | None = None, round: int = 0, step: int = 0,
+             tensors: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> int:
+        """Send one message; return its protocol-layer size in bytes."""
+        if (self.kind == "router") != (to is not None):
+            need = "needs 'to'" if self.kind == "router" else "takes no 'to'"
+            raise ValueError(f"endpoint {self.name!r}: a {self.kind} send {need}")
+        msg = Message(type=type, run=self.run, round=round, step=step, sender=self.name,
+                      seq=self._seq, tensors=tensors or {}, meta=meta or {})
+        frames = encode(msg)
+        if msg.nbytes > self.max_message_bytes:  # the peer would drop it; fail loudly here instead
+            raise ProtocolError("too_large",
+                                f"message: {msg.nbytes} > {self.max_message_bytes} bytes")
+        peer = to if to is not None else "upstream"
+        if to is not None:
+            frames.insert(0, to.encode())
+        try:
+            self._sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise TimeoutError(f"endpoint {self.name!r}: send {type} to {peer!r} timed out after "
+                               f"{self.send_timeout_s}s (peer absent or slow)") from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise ConnectionError(f"endpoint {self.name!r}: unknown peer {peer!r} (not "
+                                      f"connected, or has not sent anything yet)") from None
+            raise
+        self._seq += 1
+        self.bytes_sent += msg.nbytes
+        self.msgs_sent += 1
+        self.header_bytes_sent += len(frames[1 if to is not None else 0])
+        self._count(type, "tx", msg.nbytes)
+        return msg.nbytes
+
+    def poll(self, timeout_s: float) -> bool:
+        """True if a message is waiting (not yet validated: ``recv`` may still drop it)."""
+        return bool(self._sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN))
+
+    def _reject(self, reason: str, peer: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        # First of each reason at WARNING, the rest at DEBUG: a flood of garbage cannot flood logs.
+        level = logging.WARNING if self.rejected[reason] == 1 else logging.DEBUG
+        log.log(level, "endpoint %r dropped message from %r (%s): %s",
+                self.name, peer, reason, detail)
+
+    def _accept(self, frames: list[zmq.Frame]) -> tuple[str, Message] | None:
+        peer = "?"
+        try:
+            if self.kind == "router":
+                identity, frames = frames[0].bytes, frames[1:]
+                peer = identity.decode("utf-8", "replace")
+            msg = decode(frames, max_message_bytes=self.max_message_bytes)
+        except ProtocolError as exc:
+            return self._reject(exc.reason, peer, str(exc))
+        except Exception as exc:  # a decoder bug must not take the node down
+            return self._reject("undecodable", peer, repr(exc))
+        if self.kind == "router" and identity != msg.sender.encode():
+            return self._reject("sender_mismatch", peer, f"header sender {msg.sender!r}")
+        if self.run and msg.run != self.run:
+            return self._reject("wrong_run", peer, f"run {msg.run!r}, expected {self.run!r}")
+        self.bytes_recv += msg.nbytes
+        self.msgs_recv += 1
+        self.header_bytes_recv += len(frames[0])
+        self._count(msg.type, "rx", msg.nbytes)
+        return msg.sender, msg
+
+    def recv(self, timeout_s: float | None) -> tuple[str, Message]:
+        """Wait up to ``timeout_s`` (None: forever) for a valid message; return (peer, message).
+
+        Invalid messages are dropped and counted in ``rejected``; the wait goes on.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait_ms = -1 if deadline is None else max(0, math.ceil(
+                (deadline - time.monotonic()) * 1000))
+            if not self._sock.poll(wait_ms, zmq.POLLIN):
+                raise TimeoutError(f"endpoint {self.name!r}: no valid message within {timeout_s}s")
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                continue
+            got = self._accept(frames)
+            if got is not None:
+                return got
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable snapshot of the counters."""
+        return {
+            "name": self.name, "kind": self.kind, "bytes_sent": self.bytes_sent,
+            "bytes_recv": self.bytes_recv, "msgs_sent": self.msgs_sent,
+            "msgs_recv": self.msgs_recv, "header_bytes_sent": self.header_bytes_sent,
+            "header_bytes_recv": self.header_bytes_recv,
+            "by_type": {k: dict(v) for k, v in self.by_type.items()},
+            "rejected": dict(self.rejected),
+        }
+
+    def close(self) -> None:
+        self._sock.close()  # uses the socket's LINGER, so queued sends still go out
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

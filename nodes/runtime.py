@@ -1,0 +1,120 @@
+"""One node process: build its context from a config, then obey the controller round by round.
+
+`run_node(config)` is a plain function so a fork-server can start nodes later; `python -m
+nodes --config FILE` calls it. The node talks to the controller over an ipc:// control socket
+(outside the emulated network, so control traffic never shows on a link) and to its peers
+over TCP on the emulated network. After each round it checkpoints and sends a REPORT. Any
+error is sent to the controller as ERROR with its traceback and the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import traceback
+from typing import Any
+
+import torch
+import zmq
+
+from nodes.context import NodeContext
+from nodes.data import load_dataset
+from nodes.models import build_model, split_model
+from nodes.protocol import Endpoint
+from nodes.schemes import get_scheme
+
+log = logging.getLogger("sledge.node")
+PR_SET_PDEATHSIG = 1
+REQUIRED = ("name", "role", "run", "scheme", "model", "cuts", "segments", "control",
+            "clients", "servers")
+
+
+def _die_with_parent() -> None:
+    # If the controller dies (even by SIGKILL) the node must not linger.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def check_config(config: dict[str, Any]) -> None:
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"node config: missing field(s) {missing}")
+
+
+def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
+    name, run = config["name"], config["run"]
+    model = build_model(**config["model"], seed=config.get("seed", 0))
+    segments = split_model(model, config["cuts"])
+    held = {i: segments[i] for i in config["segments"]}
+    lr, momentum = config.get("lr", 0.05), config.get("momentum", 0.0)
+    optimizers = {i: torch.optim.SGD(s.parameters(), lr=lr, momentum=momentum)
+                  for i, s in held.items() if any(True for _ in s.parameters())}
+    data = None
+    if config.get("data"):
+        d = config["data"]
+        full = load_dataset(d["name"], "train", root=d.get("root"), limit=d.get("limit"),
+                            seed=config.get("seed", 0))
+        data = full.subset(torch.as_tensor(d["indices"], dtype=torch.long))
+    max_msg = config.get("max_message_bytes")
+    kw = {"run": run, **({"max_message_bytes": max_msg} if max_msg else {})}
+    router = None
+    if config.get("listen"):
+        router = Endpoint(zctx, "router", name, **kw)
+        router.bind(config["listen"])
+    peers = {}
+    for peer, addr in config.get("peers", {}).items():
+        peers[peer] = Endpoint(zctx, "dealer", name, **kw)
+        peers[peer].connect(addr)
+    return NodeContext(
+        name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
+        clients=list(config["clients"]), servers=list(config["servers"]), router=router,
+        peers=peers, data=data, batch_size=config.get("batch_size", 32),
+        seed=config.get("seed", 0) * 1000 + config.get("index", 0),
+        step_timeout_s=config.get("step_timeout_s", 300.0), ckpt_path=config.get("checkpoint"))
+
+
+def run_node(config: dict[str, Any]) -> int:
+    """Run one node until the controller says stop. Returns the process exit code."""
+    check_config(config)
+    _die_with_parent()
+    torch.set_num_threads(int(config.get("threads", 1)))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config['name']} %(message)s")
+    zctx = zmq.Context()
+    control = Endpoint(zctx, "dealer", config["name"], run=config["run"])
+    ctx = None
+    try:
+        control.connect(config["control"])
+        scheme = get_scheme(config["scheme"], **config.get("scheme_options", {}))
+        ctx = build_context(config, zctx)
+        round_fn = getattr(scheme, f"{ctx.role}_round")
+        control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role})
+        while True:
+            _, msg = control.recv(config.get("idle_timeout_s", 3600.0))
+            cmd = msg.meta.get("cmd") if msg.type == "CTRL" else None
+            if cmd == "round":
+                ctx.reset_round()
+                round_fn(ctx, msg.round, int(msg.meta["iters"]))
+                ctx.checkpoint(msg.round)
+                control.send("REPORT", round=msg.round, meta=ctx.round_report())
+            elif cmd == "stop":
+                control.send("BYE", meta={"proto": ctx.proto_stats()})
+                return 0
+            else:
+                log.warning("ignoring control message %s %s", msg.type, cmd)
+    except Exception as e:
+        log.error("node failed: %s", e)
+        tb = traceback.format_exc()
+        log.error(tb)
+        # The controller may be gone; the exit code still tells.
+        with contextlib.suppress(Exception):
+            control.send("ERROR", meta={"error": f"{type(e).__name__}: {e}"[:2000],
+                                        "traceback": tb[-8000:]})
+        return 1
+    finally:
+        for ep in (ctx.data_endpoints() if ctx else []):
+            ep.close()
+        control.close()
+        zctx.term()

@@ -1,0 +1,156 @@
+"""`sledge`: the command line. Parses arguments, loads topology scripts, runs experiments.
+
+    sledge run TOPOLOGY.py [--scheme psl] [--rounds N] [-p bw=10] ...
+    sledge caps
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import fields
+from typing import Any
+
+from mininet.topo import Topo
+
+from testbed.config import ConfigError, RunConfig
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_params(items: list[str], flag: str) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = parse_value(value)
+    return out
+
+
+def load_topology(path: str, name: str | None = None,
+                  params: dict[str, Any] | None = None) -> tuple[Topo, str]:
+    """Import a topology script and build its Topo (Mininet's --custom convention: TOPOS)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"topology: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"sledge_topo_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    topos = getattr(module, "TOPOS", None)
+    if not isinstance(topos, dict) or not topos:
+        raise ConfigError(f"topology {path}: defines no TOPOS = {{'name': TopoClass}}")
+    name = name or next(iter(topos))
+    if name not in topos:
+        raise ConfigError(f"topology {path}: no topology {name!r}; has {sorted(topos)}")
+    cls = topos[name]
+    params = params or {}
+    accepted = inspect.signature(cls.build).parameters
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        valid = [k for k in accepted if k != "self"]
+        raise ConfigError(f"topology {name}: unknown parameter(s) {unknown}; valid: {valid}")
+    return cls(**params), name
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    p.add_argument("topology", help="topology script, e.g. topologies/tiny.py")
+    p.add_argument("--topo", help="topology name inside the script (default: its first)")
+    p.add_argument("-p", "--topo-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="topology build parameter, e.g. -p bw=10 -p clients=3")
+    p.add_argument("--scheme", default=d.scheme)
+    p.add_argument("-o", "--scheme-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--iters", dest="iters_per_round", type=int, default=None,
+                   help="iterations per round (default: one local epoch)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--dataset", default=d.dataset)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--train-limit", type=lambda s: None if s == "none" else int(s),
+                   default=d.train_limit, help="train samples used (or 'none' for all)")
+    p.add_argument("--test-limit", type=lambda s: None if s == "none" else int(s),
+                   default=d.test_limit)
+    p.add_argument("--partition", default=d.partition, choices=["iid", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--cut", dest="cuts", action="append", help="cut point (repeatable)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--name", default=None, help="run name (default: topology-scheme)")
+    p.add_argument("--out", dest="out_dir", default=d.out_dir)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--step-timeout", dest="step_timeout_s", type=float, default=d.step_timeout_s)
+    p.add_argument("--no-eval", dest="evaluate", action="store_false")
+
+
+def config_from_args(a: argparse.Namespace, topo_name: str) -> RunConfig:
+    names = {f.name for f in fields(RunConfig)}
+    d = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    d["scheme_options"] = parse_params(a.scheme_option, "--scheme-option")
+    d["name"] = a.name or f"{topo_name}-{a.scheme}"
+    return RunConfig.from_dict(d)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from testbed.experiment import Experiment, RunFailed
+    from testbed.metrics import console
+
+    topo, topo_name = load_topology(a.topology, a.topo, parse_params(a.topo_param, "-p"))
+    cfg = config_from_args(a, topo_name)
+    try:
+        Experiment(cfg, topo, topology=a.topology).run()
+    except RunFailed as e:
+        console.print(f"[red]run failed: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_caps(_: argparse.Namespace) -> int:
+    from testbed.capabilities import probe
+
+    print("\n".join(probe().describe()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sledge", description="split learning over an emulated edge")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run one experiment on a topology")
+    _add_run_args(r)
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("caps", help="print what this kernel offers for link emulation")
+    c.set_defaults(func=cmd_caps)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"sledge: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:
+        print(f"sledge: {e}", file=sys.stderr)
+        return 2
+
+
+def topology_main(path: str) -> None:
+    """`python topologies/x.py [run options]`: a topology script run on its own."""
+    sys.exit(main(["run", path, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The run configuration: every knob of an experiment, validated with errors that name the field.
+
+A RunConfig is plain data (from CLI flags, a dict or YAML); the experiment resolves it against a
+topology and stores the result in the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    scheme: str = "psl"
+    scheme_options: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 3
+    iters_per_round: int | None = None  # None: one local epoch over the mean client shard
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    train_limit: int | None = 6000
+    test_limit: int | None = 2000
+    partition: str = "iid"
+    alpha: float = 0.5
+    model: str = "smallcnn"
+    cuts: list[str] = field(default_factory=lambda: ["conv2"])
+    seed: int = 0
+    out_dir: str = "runs"
+    port: int = 5555
+    step_timeout_s: float = 300.0
+    start_timeout_s: float = 180.0
+    round_timeout_s: float = 3600.0
+    evaluate: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config: unknown field(s) {unknown}; valid: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        def need(cond: bool, fld: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field {fld!r}: {what}, got {getattr(self, fld)!r}")
+
+        def pos_int(fld: str, allow_none: bool = False) -> None:
+            v = getattr(self, fld)
+            ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool)
+                                                and v > 0)
+            need(ok, fld, "expected a positive integer" + (" or null" if allow_none else ""))
+
+        for f in ("rounds", "batch_size", "port"):
+            pos_int(f)
+        for f in ("iters_per_round", "train_limit", "test_limit"):
+            pos_int(f, allow_none=True)
+        need(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "expected a number > 0")
+        need(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1, "momentum",
+             "expected a number in [0, 1)")
+        need(self.partition in ("iid", "dirichlet"), "partition", "expected 'iid' or 'dirichlet'")
+        need(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha",
+             "expected a number > 0")
+        need(isinstance(self.cuts, list) and len(self.cuts) >= 1
+             and all(isinstance(c, str) for c in self.cuts), "cuts",
+             "expected a non-empty list of cut-point names")
+        need(isinstance(self.scheme_options, dict), "scheme_options", "expected a mapping")
+        need(self.port < 65536, "port", "expected a TCP port")
+        for f in ("step_timeout_s", "start_timeout_s", "round_timeout_s"):
+            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
+                 "expected a number of seconds > 0")
+        need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
+             "name", "expected letters, digits, '-' or '_'")

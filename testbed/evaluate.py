@@ -1,0 +1,39 @@
+"""Test accuracy, measured outside the emulated network from the nodes' checkpoints.
+
+Evaluation is instrumentation, not part of the algorithm under test, so it must not add
+traffic to the links being measured: after each round the controller assembles each client's
+model from the checkpointed segments (which node holds which segment is the scheme's
+placement) and scores it on the common test set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nodes.data import ArrayDataset
+from nodes.models import build_model, split_model
+
+
+class Evaluator:
+    def __init__(self, model_kwargs: dict, cuts: list[str], test: ArrayDataset,
+                 batch_size: int = 500) -> None:
+        self.model_kwargs, self.cuts = model_kwargs, cuts
+        self.test, self.batch_size = test, batch_size
+
+    @torch.no_grad()
+    def accuracy(self, segments: list[dict]) -> float:
+        model = build_model(**self.model_kwargs)
+        for seg, state in zip(split_model(model, self.cuts), segments, strict=True):
+            seg.load_state_dict(state)
+        model.eval()
+        correct = 0
+        for i in range(0, len(self.test), self.batch_size):
+            x, y = self.test.x[i:i + self.batch_size], self.test.y[i:i + self.batch_size]
+            correct += int((model(x).argmax(1) == y).sum())
+        return correct / len(self.test)
+
+    def evaluate(self, ckpt_paths: dict[str, str],
+                 parts: dict[str, list[tuple[str, int]]]) -> dict[str, float]:
+        """parts: client -> [(node, segment index)] in model order."""
+        states = {n: torch.load(p, weights_only=True)["segments"] for n, p in ckpt_paths.items()}
+        return {c: self.accuracy([states[n][s] for n, s in plist]) for c, plist in parts.items()}

@@ -1,0 +1,246 @@
+"""One experiment run: topology + scheme + config -> a run folder of measured results.
+
+The controller side of sledge. It builds the network, writes one config per node (placement
+from the scheme, data shards from the partition, peer addresses from Mininet), starts a node
+process in every host, drives the rounds over an ipc:// control socket that lives outside the
+emulated network, reads protocol and kernel counters, evaluates from checkpoints, and writes
+every round to disk as it ends. Whatever happens (a node crash, a timeout, Ctrl-C, SIGTERM),
+teardown stops the node processes it started and the Mininet net it built, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+import torch
+import zmq
+from mininet.topo import Topo
+
+from nodes.data import dataset_info, load_dataset, partition
+from nodes.protocol import Endpoint
+from nodes.schemes import get_scheme
+from testbed.capabilities import probe
+from testbed.config import RunConfig
+from testbed.evaluate import Evaluator
+from testbed.launcher import NodeProcess, start_node, stop_all
+from testbed.metrics import RunDir, console, print_summary, round_line, summarize
+from testbed.network import Network, build_network, counter_delta
+
+
+class RunFailed(RuntimeError):
+    """The run could not complete; the message says which node or step and why."""
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _delta(now: dict, before: dict) -> dict:
+    out = {}
+    for k, v in now.items():
+        if isinstance(v, dict):
+            out[k] = _delta(v, before.get(k, {}))
+        elif isinstance(v, (int, float)):
+            out[k] = v - before.get(k, 0)
+    return out
+
+
+class Experiment:
+    def __init__(self, cfg: RunConfig, topo: Topo, *, topology: str = "",
+                 on_round: Callable[[Experiment, int], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
+        self.caps = probe()
+        self.network: Network | None = None
+        self.procs: dict[str, NodeProcess] = {}
+        self.node_configs: dict[str, dict] = {}
+        self.rounds: list[dict] = []
+        self.run_dir: RunDir | None = None
+        self._zctx: zmq.Context | None = None
+        self._control: Endpoint | None = None
+        self._ctl_dir: str | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _node_configs(self) -> dict[str, Any]:
+        cfg, net = self.cfg, self.network
+        clients, servers = net.hosts_by_role("client"), net.hosts_by_role("server")
+        if not clients or not servers:
+            raise RunFailed(f"topology {self.topology!r}: needs hosts with role='client' and "
+                            f"role='server' (found clients={clients}, servers={servers})")
+        info = dataset_info(cfg.dataset)
+        self.model_kwargs = {"name": cfg.model, "num_classes": info["num_classes"],
+                             "in_channels": info["in_channels"], "image_size": info["image_size"]}
+        scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
+        nseg = len(cfg.cuts) + 1
+        self.placement = scheme.placement(nseg, clients, servers)
+        self.parts = {c: scheme.model_of(c, self.placement, nseg) for c in clients}
+        train = load_dataset(cfg.dataset, "train", root=cfg.data_root, limit=cfg.train_limit,
+                             seed=cfg.seed)
+        shards = partition(train.y, len(clients), scheme=cfg.partition, alpha=cfg.alpha,
+                           seed=cfg.seed)
+        mean_shard = sum(len(s) for s in shards) / len(shards)
+        self.iters = cfg.iters_per_round or math.ceil(mean_shard / cfg.batch_size)
+        control = f"ipc://{self._ctl_dir}/control"
+        base = {"run": self.run_id, "scheme": cfg.scheme, "scheme_options": cfg.scheme_options,
+                "model": self.model_kwargs, "cuts": cfg.cuts, "clients": clients,
+                "servers": servers, "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
+                "batch_size": cfg.batch_size, "control": control,
+                "step_timeout_s": cfg.step_timeout_s, "threads": 1}
+        configs: dict[str, dict] = {}
+        for name in clients + servers:
+            configs[name] = {**base, "name": name, "role": "client" if name in clients else
+                             "server", "segments": self.placement.get(name, []), "peers": {},
+                             "checkpoint": self.run_dir.file("ckpt", f"{name}.pt")}
+        for i, c in enumerate(clients):
+            configs[c]["index"] = i
+            configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
+                                  "limit": cfg.train_limit, "indices": shards[i].tolist()}
+        for dealer, router in scheme.connections(clients, servers):
+            configs[router]["listen"] = f"tcp://{net.ip(router)}:{cfg.port}"
+            configs[dealer]["peers"][router] = f"tcp://{net.ip(router)}:{cfg.port}"
+        self.shard_info = {c: {"samples": len(s),
+                               "labels": torch.bincount(train.y[torch.as_tensor(s)],
+                                                        minlength=info["num_classes"]).tolist()}
+                           for c, s in zip(clients, shards, strict=True)}
+        return configs
+
+    def _resolved_config(self) -> dict:
+        net = self.network
+        return {
+            "run": self.run_id, "config": self.cfg.to_dict(), "topology": self.topology,
+            "capabilities": self.caps.to_dict(),
+            "hosts": {h.name: {"role": h.params.get("role"), "ip": h.IP()}
+                      for h in net.net.hosts},
+            "links": net.link_params(), "not_applied": net.not_applied,
+            "placement": self.placement, "iters_per_round": self.iters, "model": self.model_kwargs,
+            "shards": self.shard_info,
+            "connections": {n: {"listen": c.get("listen"), "peers": c["peers"]}
+                            for n, c in self.node_configs.items()},
+        }
+
+    # -- control --------------------------------------------------------------------------------
+    def _fail_if_dead(self) -> None:
+        for p in self.procs.values():
+            rc = p.returncode()
+            if rc is not None:
+                raise RunFailed(f"node {p.name} exited with code {rc}; last log lines "
+                                f"({p.log_path}):\n{p.log_tail()}")
+
+    def _collect(self, mtype: str, rnd: int, timeout_s: float, what: str) -> dict[str, Any]:
+        """Wait for one `mtype` message from every node, watching for errors and deaths."""
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(self.procs):
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.procs) - set(got))
+                raise RunFailed(f"{what}: no {mtype} from {missing} within {timeout_s:.0f}s")
+            if not self._control.poll(0.2):
+                self._fail_if_dead()
+                continue
+            sender, msg = self._control.recv(0)
+            if msg.type == "ERROR":
+                raise RunFailed(f"node {sender} failed: {msg.meta.get('error')}\n"
+                                f"{msg.meta.get('traceback', '')}")
+            if msg.type == mtype and msg.round == rnd:
+                got[sender] = msg.meta
+        return got
+
+    def _broadcast(self, rnd: int, **meta: Any) -> None:
+        for name in self.procs:
+            self._control.send("CTRL", to=name, round=rnd, meta=meta)
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        self.run_dir = RunDir(cfg.out_dir, cfg.name)
+        self.run_id = os.path.basename(self.run_dir.path)
+        for line in self.caps.describe():
+            console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
+        try:
+            self._ctl_dir = tempfile.mkdtemp(prefix="sledge-")
+            self.network = build_network(self.topo, self.caps)
+            for item in self.network.not_applied:
+                console.print(f"[yellow]not applied on link {item['link']}: "
+                              + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
+            self.node_configs = self._node_configs()
+            self.run_dir.write_json("config.json", self._resolved_config())
+            test = load_dataset(cfg.dataset, "test", root=cfg.data_root, limit=cfg.test_limit,
+                                seed=cfg.seed)
+            evaluator = Evaluator(self.model_kwargs, cfg.cuts, test) if cfg.evaluate else None
+            self._zctx = zmq.Context()
+            self._control = Endpoint(self._zctx, "router", "controller", run=self.run_id)
+            self._control.bind(self.node_configs[next(iter(self.node_configs))]["control"])
+            for name, nc in self.node_configs.items():
+                path = self.run_dir.file("nodes", f"{name}.json")
+                self.run_dir.write_json(os.path.join("nodes", f"{name}.json"), nc)
+                self.procs[name] = start_node(self.network.net.get(name), path,
+                                              self.run_dir.file("logs", f"{name}.log"))
+            self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
+            with console.status("starting nodes"):
+                self._collect("HELLO", 0, cfg.start_timeout_s, "start-up")
+            for rnd in range(1, cfg.rounds + 1):
+                self._round(rnd, evaluator)
+            self._broadcast(0, cmd="stop")
+            self._collect("BYE", 0, 60, "shutdown")
+            for p in self.procs.values():
+                p.popen.wait(30)
+            summary = summarize(self.rounds)
+            self.run_dir.write_json("summary.json", summary)
+            print_summary(summary, str(self.run_dir.path))
+            return summary
+        except KeyboardInterrupt:
+            console.print("[red]interrupted: tearing down")
+            raise
+        finally:
+            self._teardown()
+            signal.signal(signal.SIGTERM, old_term)
+
+    def _round(self, rnd: int, evaluator: Evaluator | None) -> None:
+        before = self.network.counters()
+        t0 = time.perf_counter()
+        self._broadcast(rnd, cmd="round", iters=self.iters)
+        with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
+            reports = self._collect("REPORT", rnd, self.cfg.round_timeout_s, f"round {rnd}")
+        wall = time.perf_counter() - t0
+        ifaces = counter_delta(self.network.counters(), before)
+        prev = self.rounds[-1]["_proto"] if self.rounds else {}
+        nodes = {}
+        for n, rep in reports.items():
+            d = _delta(rep["proto"], prev.get(n, {}))
+            nodes[n] = {"compute_s": rep["compute_s"], "cpu_s": rep["cpu_s"],
+                        "samples": rep["samples"], **d}
+        loss_n = sum(r["loss_n"] for r in reports.values())
+        rec = {"round": rnd, "time": time.time(), "wall_s": wall, "iters": self.iters,
+               "train_loss": sum(r["loss_sum"] for r in reports.values()) / max(loss_n, 1),
+               "nodes": nodes, "interfaces": ifaces}
+        if evaluator:
+            ckpts = {n: c["checkpoint"] for n, c in self.node_configs.items()}
+            per_client = evaluator.evaluate(ckpts, self.parts)
+            rec["test_acc_per_client"] = per_client
+            rec["test_acc"] = sum(per_client.values()) / len(per_client)
+        self.run_dir.append("rounds.jsonl", rec)
+        self.rounds.append({**rec, "_proto": {n: r["proto"] for n, r in reports.items()}})
+        console.print(round_line(rec, self.cfg.rounds))
+        if self.on_round:
+            self.on_round(self, rnd)
+
+    def _teardown(self) -> None:
+        stop_all(list(self.procs.values()))
+        if self._control:
+            self._control.close()
+        if self._zctx:
+            self._zctx.term()
+        if self.network:
+            with suppress(Exception):
+                self.network.stop()
+        if self._ctl_dir:
+            shutil.rmtree(self._ctl_dir, ignore_errors=True)

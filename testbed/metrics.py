@@ -1,0 +1,106 @@
+"""Results on disk as the run goes, and what the user sees while it runs.
+
+A run folder (runs/<time>-<name>/) holds config.json (the resolved config), rounds.jsonl
+(one line per round, flushed and fsynced when written, so nothing is lost if the run dies),
+summary.json at the end, node configs, logs and checkpoints. The console shows a live status
+line and one line per round, then a short summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+class RunDir:
+    def __init__(self, out_dir: str | os.PathLike, name: str) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(out_dir) / f"{stamp}-{name}"
+        path, i = base, 1
+        while path.exists():
+            path, i = Path(f"{base}-{i}"), i + 1
+        self.path = path
+        for sub in ("logs", "ckpt", "nodes"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+
+    def file(self, *parts: str) -> str:
+        return str(self.path.joinpath(*parts))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        target = self.path / name
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, target)
+
+    def append(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_rounds(run_path: str | os.PathLike) -> list[dict]:
+    with open(Path(run_path) / "rounds.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def round_line(rec: dict, total: int) -> str:
+    tx = sum(v["tx_bytes"] for v in rec["nodes"].values())
+    acc = rec.get("test_acc")
+    return (f"round {rec['round']}/{total}  loss {rec['train_loss']:.4f}  "
+            f"acc {acc * 100:.2f}%  time {rec['wall_s']:.2f}s  "
+            f"protocol tx {fmt_bytes(tx)}" if acc is not None else
+            f"round {rec['round']}/{total}  loss {rec['train_loss']:.4f}  "
+            f"time {rec['wall_s']:.2f}s  protocol tx {fmt_bytes(tx)}")
+
+
+def summarize(rounds: list[dict]) -> dict:
+    last = rounds[-1]
+    return {
+        "rounds": len(rounds),
+        "final_test_acc": last.get("test_acc"),
+        "final_train_loss": last["train_loss"],
+        "first_train_loss": rounds[0]["train_loss"],
+        "mean_round_s": sum(r["wall_s"] for r in rounds) / len(rounds),
+        "total_s": sum(r["wall_s"] for r in rounds),
+        "protocol_bytes_per_node": {
+            n: {"tx": sum(r["nodes"][n]["tx_bytes"] for r in rounds),
+                "rx": sum(r["nodes"][n]["rx_bytes"] for r in rounds)}
+            for n in last["nodes"]},
+        "interface_bytes": {
+            i: {"tx": sum(r["interfaces"][i]["tx_bytes"] for r in rounds),
+                "rx": sum(r["interfaces"][i]["rx_bytes"] for r in rounds)}
+            for i in last["interfaces"]},
+    }
+
+
+def print_summary(summary: dict, path: str) -> None:
+    t = Table(title="sledge run summary", show_header=True)
+    t.add_column("node")
+    t.add_column("protocol tx", justify="right")
+    t.add_column("protocol rx", justify="right")
+    for n, b in summary["protocol_bytes_per_node"].items():
+        t.add_row(n, fmt_bytes(b["tx"]), fmt_bytes(b["rx"]))
+    console.print(t)
+    acc = summary["final_test_acc"]
+    console.print(
+        f"rounds {summary['rounds']}  mean round time {summary['mean_round_s']:.2f}s  "
+        f"train loss {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f}"
+        + (f"  test accuracy {acc * 100:.2f}%" if acc is not None else ""))
+    console.print(f"results: {path}")

@@ -1,0 +1,139 @@
+"""The emulated network: build a Mininet net from a topology, read its counters, stop it.
+
+Topologies (topologies/*.py) say *what* the network is: hosts with a `role`, switches and
+links with bandwidth, delay, jitter, loss and queue parameters. This module makes it real
+with the mechanisms the kernel offers (testbed.capabilities): Open vSwitch where the kernel
+has it, Linux bridges with no controller where it does not, TCLink for shaping. Parameters
+the kernel cannot apply are removed before Mininet sees them (TCLink would otherwise print
+an error and silently carry on) and are reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mininet.link import TCIntf, TCLink
+from mininet.log import setLogLevel
+from mininet.net import Mininet
+from mininet.node import OVSBridge
+from mininet.nodelib import LinuxBridge
+from mininet.topo import Topo
+
+from testbed.capabilities import Capabilities
+
+IMPAIRMENTS = ("delay", "jitter", "loss", "max_queue_size")
+COUNTERS = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets", "rx_dropped", "tx_dropped")
+
+
+class ShapedIntf(TCIntf):
+    """TCIntf whose HTB root sets r2q from the rate, so the class quantum stays within the
+    kernel's bounds (Mininet's default r2q makes tc warn 'quantum is big' above ~16 Mbit/s)."""
+
+    def bwCmds(self, bw: float | None = None, **kw: Any) -> tuple[list[str], str]:  # noqa: N802
+        cmds, parent = super().bwCmds(bw=bw, **kw)
+        if bw:
+            r2q = max(10, math.ceil(bw * 1e6 / 8 / 60000))
+            cmds = [c.replace("htb default 1", f"htb default 1 r2q {r2q}") for c in cmds]
+        return cmds, parent
+
+
+class ShapedLink(TCLink):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("cls1", ShapedIntf)
+        kwargs.setdefault("cls2", ShapedIntf)
+        super().__init__(*args, **kwargs)
+
+
+@dataclass
+class Network:
+    """A started Mininet net plus what was (not) applied to its links."""
+
+    net: Mininet
+    caps: Capabilities
+    not_applied: list[dict] = field(default_factory=list)
+
+    def hosts_by_role(self, role: str) -> list[str]:
+        return [h.name for h in self.net.hosts if h.params.get("role") == role]
+
+    def ip(self, host: str) -> str:
+        return self.net.get(host).IP()
+
+    def link_params(self) -> list[dict]:
+        """Configured parameters of every link, as applied (for the run's config)."""
+        out = []
+        for link in self.net.links:
+            params = {k: v for k, v in link.intf1.params.items() if k != "node"}
+            out.append({"intf1": link.intf1.name, "intf2": link.intf2.name, **params})
+        return out
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Kernel counters of every link interface, read inside the namespace that holds it."""
+        result: dict[str, dict[str, int]] = {}
+        for node in self.net.hosts + self.net.switches:
+            names = {i.name for i in node.intfList() if i.name != "lo"}
+            # /proc/<pid>/net/dev shows the devices of that process's network namespace.
+            path = f"/proc/{node.pid}/net/dev" if node.inNamespace else "/proc/net/dev"
+            for name, values in read_net_dev(path).items():
+                if name in names:
+                    result[name] = values
+        return result
+
+    def stop(self) -> None:
+        self.net.stop()
+
+
+def read_net_dev(path: str = "/proc/net/dev") -> dict[str, dict[str, int]]:
+    with open(path) as f:
+        lines = f.readlines()[2:]
+    out = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        v = [int(x) for x in rest.split()]
+        # Columns: rx bytes packets errs drop fifo frame compressed multicast, then tx ...
+        out[name.strip()] = {
+            "rx_bytes": v[0], "rx_packets": v[1], "rx_dropped": v[3],
+            "tx_bytes": v[8], "tx_packets": v[9], "tx_dropped": v[11],
+        }
+    return out
+
+
+def counter_delta(after: dict, before: dict) -> dict[str, dict[str, int]]:
+    return {
+        intf: {k: after[intf][k] - before.get(intf, {}).get(k, 0) for k in COUNTERS}
+        for intf in after
+    }
+
+
+def strip_unsupported(topo: Topo, caps: Capabilities) -> list[dict]:
+    """Remove link parameters the kernel cannot apply; return what was removed, per link."""
+    if caps.netem:
+        return []
+    removed = []
+    for n1, n2, info in topo.links(sort=True, withKeys=False, withInfo=True):
+        gone = {k: info.pop(k) for k in IMPAIRMENTS if info.get(k) not in (None, 0, "0ms")}
+        for k in IMPAIRMENTS:
+            info.pop(k, None)
+        if gone:
+            removed.append({"link": f"{n1}-{n2}", **gone})
+    return removed
+
+
+def build_network(topo: Topo, caps: Capabilities, *, verbosity: str = "warning") -> Network:
+    """Build and start the net. On any failure what was built is stopped before raising."""
+    if os.geteuid() != 0:
+        raise PermissionError("building a Mininet network needs root: run with sudo")
+    setLogLevel(verbosity)
+    not_applied = strip_unsupported(topo, caps)
+    switch = OVSBridge if caps.ovs else LinuxBridge
+    net = Mininet(topo=topo, switch=switch, controller=None, link=ShapedLink,
+                  autoSetMacs=True, build=False, waitConnected=False)
+    try:
+        net.build()
+        net.start()
+    except BaseException:
+        net.stop()
+        raise
+    return Network(net=net, caps=caps, not_applied=not_applied)
