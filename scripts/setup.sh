@@ -37,7 +37,8 @@ PY=.venv/bin/python
 # SLEDGE_TORCH_INDEX (e.g. PyTorch's CPU wheel index) is for machines without a local wheel.
 if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   extra=()
-  [ -n "${SLEDGE_TORCH_INDEX:-}" ] && extra=(--index-url "$SLEDGE_TORCH_INDEX" --extra-index-url https://pypi.org/simple)
+  # The CPU build's local version (+cpu) sorts above the plain one, so pip prefers it.
+  [ -n "${SLEDGE_TORCH_INDEX:-}" ] && extra=(--extra-index-url "$SLEDGE_TORCH_INDEX")
   $PY -m pip install -q "${extra[@]}" "torch==$TORCH_VERSION"
 fi
 stamp=.venv/.sledge-installed

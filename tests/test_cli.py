@@ -1,0 +1,44 @@
+"""Bad input gets a clear error naming the field; topology scripts load by Mininet's rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from testbed.cli import load_topology, main
+from testbed.config import ConfigError, RunConfig
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
+
+
+@pytest.mark.parametrize("field,value", [("rounds", 0), ("batch_size", -1), ("lr", 0),
+                                         ("partition", "zipf"), ("cuts", []), ("momentum", 1.5),
+                                         ("name", "a b")])
+def test_bad_config_value_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=repr(field)):
+        RunConfig.from_dict({field: value})
+
+
+def test_unknown_config_field_is_named():
+    with pytest.raises(ConfigError, match="roundz"):
+        RunConfig.from_dict({"roundz": 3})
+
+
+def test_topology_script_loads_with_parameters():
+    topo, name = load_topology(TINY, params={"clients": 3, "bw": 5})
+    assert name == "tiny"
+    assert sorted(topo.hosts()) == ["c1", "c2", "c3", "srv"]
+    assert topo.nodeInfo("srv")["role"] == "server"
+    assert topo.linkInfo("c3", "s1")["bw"] == 5
+
+
+def test_unknown_topology_parameter_is_named():
+    with pytest.raises(ConfigError, match="bandwidth"):
+        load_topology(TINY, params={"bandwidth": 5})
+
+
+def test_cli_exits_2_with_the_field_named(capsys):
+    assert main(["run", TINY, "--rounds", "0"]) == 2
+    assert "'rounds'" in capsys.readouterr().err
+    assert main(["run", "/nonexistent/topo.py"]) == 2

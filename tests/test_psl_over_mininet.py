@@ -1,0 +1,169 @@
+"""PSL end to end over real Mininet hosts: training, byte accounting, link speed, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nodes.models import build_model, segment_output_shape, split_model
+from testbed.cli import load_topology
+from testbed.config import RunConfig
+from testbed.experiment import Experiment, RunFailed
+from testbed.metrics import read_rounds
+
+pytestmark = pytest.mark.net
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "topologies", "tiny.py")
+BATCH = 32
+
+
+def tiny_run(tmp_path, topo_params=None, on_round=None, **cfg):
+    topo, _ = load_topology(TINY, params=topo_params or {})
+    base = dict(name="t", dataset="digits", rounds=3, iters_per_round=30, batch_size=BATCH,
+                lr=0.05, momentum=0.9, train_limit=None, test_limit=None,
+                out_dir=str(tmp_path))
+    exp = Experiment(RunConfig.from_dict({**base, **cfg}), topo, topology=TINY,
+                     on_round=on_round)
+    summary = exp.run()
+    return exp, summary, read_rounds(exp.run_dir.path)
+
+
+@pytest.fixture(scope="module")
+def psl_run(tmp_path_factory):
+    from tests.conftest import system_state
+
+    before = system_state()
+    exp, summary, rounds = tiny_run(tmp_path_factory.mktemp("psl"))
+    after = system_state()
+    return exp, summary, rounds, before, after
+
+
+def test_psl_trains_over_mininet_and_writes_results(psl_run):
+    exp, summary, rounds, *_ = psl_run
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"] * 0.7
+    assert rounds[-1]["test_acc"] > 0.6  # chance is 0.1 on digits
+    for f in ("config.json", "rounds.jsonl", "summary.json", "pids.json",
+              "ckpt/c1.pt", "ckpt/srv.pt", "logs/c1.log", "nodes/c1.json"):
+        assert (exp.run_dir.path / f).exists(), f
+    config = json.loads((exp.run_dir.path / "config.json").read_text())
+    assert config["capabilities"]["switch"] in ("linuxbridge", "ovs")
+    assert config["placement"] == {"c1": [0], "c2": [0], "srv": [1]}
+    for r in rounds:
+        assert set(r["nodes"]) == {"c1", "c2", "srv"}
+        assert r["wall_s"] > 0 and r["nodes"]["c1"]["compute_s"] > 0
+
+
+def test_run_leaves_nothing_behind(psl_run):
+    *_, before, after = psl_run
+    leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
+    assert not leaked
+
+
+def test_client_protocol_bytes_equal_activation_sizes_plus_headers(psl_run):
+    exp, _, rounds, *_ = psl_run
+    model = build_model("smallcnn", in_channels=1, image_size=8, num_classes=10)
+    act_shape = segment_output_shape(split_model(model, ["conv2"])[0], (1, 8, 8))
+    act_bytes = BATCH * 4 * int(__import__("math").prod(act_shape))
+    label_bytes = BATCH * 8
+    for r in rounds:
+        for c in ("c1", "c2"):
+            n = r["nodes"][c]
+            assert n["tx_msgs"] == r["iters"]
+            assert n["tx_bytes"] == r["iters"] * (act_bytes + label_bytes) + n["tx_header_bytes"]
+            assert n["rx_bytes"] == r["iters"] * act_bytes + n["rx_header_bytes"]
+            assert 0 < n["tx_header_bytes"] < 300 * r["iters"]  # small msgpack headers
+        srv = r["nodes"]["srv"]
+        assert srv["rx_bytes"] == r["nodes"]["c1"]["tx_bytes"] + r["nodes"]["c2"]["tx_bytes"]
+
+
+def test_kernel_interface_counters_agree_with_protocol_bytes(psl_run):
+    _, _, rounds, *_ = psl_run
+    for r in rounds:
+        for c in ("c1", "c2"):
+            proto, intf = r["nodes"][c], r["interfaces"][f"{c}-eth0"]
+            # TCP/IP/Ethernet headers, ZMTP framing and ACKs ride on top of the protocol bytes.
+            assert proto["tx_bytes"] <= intf["tx_bytes"] <= proto["tx_bytes"] * 1.06 + 16384
+            assert proto["rx_bytes"] <= intf["rx_bytes"] <= proto["rx_bytes"] * 1.06 + 16384
+
+
+def test_slow_client_link_makes_round_measurably_slower(tmp_path, no_leaks):
+    _, fast, _ = tiny_run(tmp_path / "fast", {"bw": 100}, rounds=1, iters_per_round=10)
+    _, slow, _ = tiny_run(tmp_path / "slow", {"bw": 1}, rounds=1, iters_per_round=10)
+    # 10 iterations x 2 x 33 KB through a 1 Mbit/s link: ~5 s serialised, less HTB's 15 KB
+    # burst per idle period (~3 s); at 100 Mbit/s the whole round takes ~0.1 s.
+    assert slow["mean_round_s"] > 5 * fast["mean_round_s"]
+    assert slow["mean_round_s"] > 2.0
+
+
+GARBAGE = r"""
+import sys, zmq, msgpack
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.setsockopt(zmq.IDENTITY, b"intruder")
+s.setsockopt(zmq.LINGER, 2000)
+s.connect(sys.argv[1])
+s.send_multipart([b"\x00not msgpack at all"])
+hdr = {"v": 1, "type": "ACT", "run": "x", "round": 0, "step": 0, "sender": "intruder",
+       "seq": 0, "tensors": [["act", "float32", [1 << 20, 1 << 20], 4 << 40]], "meta": {}}
+s.send_multipart([msgpack.packb(hdr), b"1234"])
+s.close()
+ctx.term()
+"""
+
+
+def test_malformed_frames_are_rejected_and_the_server_keeps_training(tmp_path, no_leaks):
+    def inject(exp, rnd):
+        if rnd == 1:
+            addr = exp.node_configs["srv"]["listen"]
+            c1 = exp.network.net.get("c1")
+            out = c1.cmd(f"{sys.executable} -c '{GARBAGE}' {addr}; echo rc=$?")
+            assert "rc=0" in out, out
+
+    exp, summary, rounds = tiny_run(tmp_path, on_round=inject, rounds=3, iters_per_round=10)
+    rejected = {}
+    for r in rounds:
+        for reason, n in r["nodes"]["srv"]["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + n
+    assert sum(rejected.values()) == 2, rejected
+    assert len(rounds) == 3 and rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+
+
+def test_a_crashed_node_fails_the_run_with_a_clear_message(tmp_path, no_leaks):
+    def crash(exp, rnd):
+        os.kill(exp.procs["c2"].pid, signal.SIGKILL)
+
+    with pytest.raises(RunFailed, match=r"node c2 exited with code -9"):
+        tiny_run(tmp_path, on_round=crash, rounds=3, iters_per_round=5)
+
+
+def test_ctrl_c_tears_everything_down(tmp_path, no_leaks):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "sledge"), "run", TINY,
+           "--dataset", "digits", "--rounds", "1000", "--iters", "5", "--out", str(tmp_path),
+           "--name", "intr"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        rounds_file = None
+        while time.monotonic() < deadline:
+            found = list(tmp_path.glob("*-intr/rounds.jsonl"))
+            if found and found[0].read_text().count("\n") >= 1:
+                rounds_file = found[0]
+                break
+            time.sleep(0.2)
+        assert rounds_file, p.stdout.read().decode() if p.poll() is not None else "no round"
+        pids = json.loads((rounds_file.parent / "pids.json").read_text())
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for pid in pids.values():
+        assert not os.path.exists(f"/proc/{pid}"), f"node process {pid} survived"
