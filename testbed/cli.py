@@ -91,6 +91,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--step-timeout", dest="step_timeout_s", type=float, default=d.step_timeout_s)
     p.add_argument("--no-eval", dest="evaluate", action="store_false")
+    p.add_argument("--loopback", action="store_true",
+                   help="no Mininet, no emulation: all nodes on 127.0.0.1 (scheme development)")
 
 
 def config_from_args(a: argparse.Namespace, topo_name: str) -> RunConfig:
@@ -108,7 +110,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     topo, topo_name = load_topology(a.topology, a.topo, parse_params(a.topo_param, "-p"))
     cfg = config_from_args(a, topo_name)
     try:
-        Experiment(cfg, topo, topology=a.topology).run()
+        Experiment(cfg, topo, topology=a.topology, loopback=a.loopback).run()
     except RunFailed as e:
         console.print(f"[red]run failed: {e}")
         return 1

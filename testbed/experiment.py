@@ -32,7 +32,7 @@ from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import NodeProcess, start_node, stop_all
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
-from testbed.network import Network, build_network, counter_delta
+from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 
 
 class RunFailed(RuntimeError):
@@ -55,11 +55,13 @@ def _delta(now: dict, before: dict) -> dict:
 
 class Experiment:
     def __init__(self, cfg: RunConfig, topo: Topo, *, topology: str = "",
-                 on_round: Callable[[Experiment, int], None] | None = None) -> None:
+                 on_round: Callable[[Experiment, int], None] | None = None,
+                 loopback: bool = False) -> None:
         cfg.validate()
         self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
+        self.loopback = loopback
         self.caps = probe()
-        self.network: Network | None = None
+        self.network: Network | LoopbackNetwork | None = None
         self.procs: dict[str, NodeProcess] = {}
         self.node_configs: dict[str, dict] = {}
         self.rounds: list[dict] = []
@@ -103,9 +105,12 @@ class Experiment:
             configs[c]["index"] = i
             configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
                                   "limit": cfg.train_limit, "indices": shards[i].tolist()}
+        routers = sorted({r for _, r in scheme.connections(clients, servers)})
+        # A port per listening node, so the loopback network can share one address.
+        addr = {r: f"tcp://{net.ip(r)}:{cfg.port + i}" for i, r in enumerate(routers)}
         for dealer, router in scheme.connections(clients, servers):
-            configs[router]["listen"] = f"tcp://{net.ip(router)}:{cfg.port}"
-            configs[dealer]["peers"][router] = f"tcp://{net.ip(router)}:{cfg.port}"
+            configs[router]["listen"] = addr[router]
+            configs[dealer]["peers"][router] = addr[router]
         self.shard_info = {c: {"samples": len(s),
                                "labels": torch.bincount(train.y[torch.as_tensor(s)],
                                                         minlength=info["num_classes"]).tolist()}
@@ -117,8 +122,7 @@ class Experiment:
         return {
             "run": self.run_id, "config": self.cfg.to_dict(), "topology": self.topology,
             "capabilities": self.caps.to_dict(),
-            "hosts": {h.name: {"role": h.params.get("role"), "ip": h.IP()}
-                      for h in net.net.hosts},
+            "network": net.kind, "hosts": net.describe_hosts(),
             "links": net.link_params(), "not_applied": net.not_applied,
             "placement": self.placement, "iters_per_round": self.iters, "model": self.model_kwargs,
             "shards": self.shard_info,
@@ -167,7 +171,11 @@ class Experiment:
             console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
         try:
             self._ctl_dir = tempfile.mkdtemp(prefix="sledge-")
-            self.network = build_network(self.topo, self.caps)
+            if self.loopback:
+                console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1")
+                self.network = LoopbackNetwork(self.topo, self.caps)
+            else:
+                self.network = build_network(self.topo, self.caps)
             for item in self.network.not_applied:
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
@@ -182,7 +190,7 @@ class Experiment:
             for name, nc in self.node_configs.items():
                 path = self.run_dir.file("nodes", f"{name}.json")
                 self.run_dir.write_json(os.path.join("nodes", f"{name}.json"), nc)
-                self.procs[name] = start_node(self.network.net.get(name), path,
+                self.procs[name] = start_node(self.network.host(name), path,
                                               self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
             with console.status("starting nodes"):

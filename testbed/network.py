@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,11 +56,20 @@ class Network:
     caps: Capabilities
     not_applied: list[dict] = field(default_factory=list)
 
+    kind = "mininet"
+
     def hosts_by_role(self, role: str) -> list[str]:
         return [h.name for h in self.net.hosts if h.params.get("role") == role]
 
     def ip(self, host: str) -> str:
         return self.net.get(host).IP()
+
+    def host(self, name: str) -> Any:
+        """The node to start a process in (has `popen`)."""
+        return self.net.get(name)
+
+    def describe_hosts(self) -> dict[str, dict]:
+        return {h.name: {"role": h.params.get("role"), "ip": h.IP()} for h in self.net.hosts}
 
     def link_params(self) -> list[dict]:
         """Configured parameters of every link, as applied (for the run's config)."""
@@ -83,6 +93,55 @@ class Network:
 
     def stop(self) -> None:
         self.net.stop()
+
+
+class LocalHost:
+    """A host of the loopback network: processes run in the root namespace, own session."""
+
+    def __init__(self, name: str, params: dict) -> None:
+        self.name, self.params = name, params
+
+    def popen(self, cmd: list[str], **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen(cmd, start_new_session=True, **kw)
+
+
+@dataclass
+class LoopbackNetwork:
+    """No emulation at all: every node on 127.0.0.1, for developing schemes without root.
+
+    Results from it say `network: loopback`; no link parameter is applied and there are no
+    interface counters. It exists so scheme logic can be checked fast; measurements come from
+    the Mininet network only.
+    """
+
+    topo: Topo
+    caps: Capabilities
+    kind = "loopback"
+
+    def __post_init__(self) -> None:
+        self.hosts = {h: LocalHost(h, self.topo.nodeInfo(h)) for h in self.topo.hosts()}
+        self.not_applied = [{"link": "all", "every parameter": "loopback network"}]
+
+    def hosts_by_role(self, role: str) -> list[str]:
+        return [n for n, h in self.hosts.items() if h.params.get("role") == role]
+
+    def ip(self, host: str) -> str:
+        return "127.0.0.1"
+
+    def host(self, name: str) -> LocalHost:
+        return self.hosts[name]
+
+    def describe_hosts(self) -> dict[str, dict]:
+        return {n: {"role": h.params.get("role"), "ip": "127.0.0.1"} for n, h in self.hosts.items()}
+
+    def link_params(self) -> list[dict]:
+        return []
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {}
+
+    def stop(self) -> None:
+        pass
 
 
 def read_net_dev(path: str = "/proc/net/dev") -> dict[str, dict[str, int]]:
