@@ -271,6 +271,7 @@ class Endpoint:
         self.max_message_bytes = max_message_bytes
         self.send_timeout_s = send_timeout_s
         self._seq = 0
+        self._connected: list[str] = []  # named in errors: a dealer's peer is its address
         self.bytes_sent = self.bytes_recv = self.msgs_sent = self.msgs_recv = 0
         self.header_bytes_sent = self.header_bytes_recv = 0
         self.by_type: dict[str, dict[str, int]] = {}
@@ -298,6 +299,7 @@ class Endpoint:
 
     def connect(self, addr: str) -> None:
         self._sock.connect(addr)
+        self._connected.append(addr)
 
     @property
     def last_endpoint(self) -> str:
@@ -322,7 +324,7 @@ class Endpoint:
         if msg.nbytes > self.max_message_bytes:  # the peer would drop it; fail loudly here instead
             raise ProtocolError("too_large",
                                 f"message: {msg.nbytes} > {self.max_message_bytes} bytes")
-        peer = to if to is not None else "upstream"
+        peer = to if to is not None else ", ".join(self._connected) or "(not connected)"
         if to is not None:
             frames.insert(0, to.encode())
         try:

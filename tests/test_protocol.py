@@ -89,7 +89,8 @@ def test_received_tensor_aliases_the_zmq_frame_buffer() -> None:
         assert got.data_ptr() == frame_addr  # same memory, no copy into a fresh tensor
         assert got.is_contiguous() and torch.equal(got, t)
     finally:
-        ctx.destroy(linger=0)
+        rx.close(linger=0), tx.close(linger=0)
+        ctx.term()
 
 
 def _header(**changes: Any) -> dict[str, Any]:
@@ -180,35 +181,65 @@ def test_invalid_message_never_leaves_the_sender() -> None:
 # ---------------------------------------------------------------- endpoints over real sockets
 
 
+class Net:
+    """Endpoints and raw sockets on one context, all closed explicitly at teardown."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.opened: list[Endpoint | zmq.Socket] = []
+
+    def endpoint(self, kind: str, name: str, **kw: Any) -> Endpoint:
+        kw.setdefault("send_timeout_s", 2.0)
+        ep = Endpoint(self.ctx, kind, name, **kw)
+        self.opened.append(ep)
+        return ep
+
+    def pair(self, addr: str = "tcp://127.0.0.1:*", run: str = "") -> tuple[Endpoint, Endpoint]:
+        server = self.endpoint("router", "server", run=run)
+        server.bind(addr)
+        client = self.endpoint("dealer", "client-1", run=run)
+        client.connect(server.last_endpoint)
+        client.send("HELLO")  # the router can address a dealer only after hearing from it
+        peer, msg = server.recv(5.0)
+        assert (peer, msg.type) == ("client-1", "HELLO")
+        return server, client
+
+    def raw_dealer(self, server: Endpoint, identity: bytes) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        self.opened.append(sock)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.connect(server.last_endpoint)
+        return sock
+
+    def close(self) -> None:
+        for obj in self.opened:
+            obj.close()  # endpoints linger so queued sends finish; raw sockets have nothing queued
+        self.ctx.term()
+
+
 @pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+def net() -> Iterator[Net]:
+    n = Net()
+    yield n
+    n.close()
 
 
-def _pair(ctx: zmq.Context, addr: str = "tcp://127.0.0.1:*", run: str = "") -> tuple[
-        Endpoint, Endpoint]:
-    server = Endpoint(ctx, "router", "server", run=run, send_timeout_s=2.0)
-    server.bind(addr)
-    client = Endpoint(ctx, "dealer", "client-1", run=run, send_timeout_s=2.0)
-    client.connect(server.last_endpoint)
-    client.send("HELLO")  # the router can address a dealer only after hearing from it
-    peer, msg = server.recv(5.0)
-    assert (peer, msg.type) == ("client-1", "HELLO")
-    return server, client
+def test_small_tensors_at_odd_offsets_arrive_aligned_and_intact(net: Net) -> None:
+    server, client = net.pair()
+    tensors = {"u8": torch.arange(3, dtype=torch.uint8), "f64": torch.randn(5, dtype=torch.float64),
+               "bf16": torch.randn(3).bfloat16(), "i32": torch.arange(7, dtype=torch.int32),
+               "f32": torch.randn(2, 3)}
+    client.send("ACT", tensors=tensors)
+    got = server.recv(5.0)[1].tensors
+    for name, t in tensors.items():
+        assert got[name].data_ptr() % t.element_size() == 0, name
+        assert torch.equal(got[name], t), name
 
 
-def _raw_dealer(ctx: zmq.Context, server: Endpoint, identity: bytes) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, identity)
-    sock.connect(server.last_endpoint)
-    return sock
-
-
-def test_garbage_is_dropped_counted_and_next_message_still_arrives(ctx: zmq.Context) -> None:
-    server, client = _pair(ctx)
-    raw = _raw_dealer(ctx, server, b"mallory")
+def test_garbage_is_dropped_counted_and_next_message_still_arrives(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    server, client = net.pair()
+    raw = net.raw_dealer(server, b"mallory")
     raw.send_multipart([b"\xc1 garbage", b"more garbage"])
     raw.send_multipart(encode(Message("CTRL", sender="mallory", meta={"n": 1})), copy=False)
     peer, msg = server.recv(5.0)
@@ -217,11 +248,12 @@ def test_garbage_is_dropped_counted_and_next_message_still_arrives(ctx: zmq.Cont
     client.send("REPORT", meta={"loss": 0.5})
     assert server.recv(5.0)[1].meta == {"loss": 0.5}
     assert server.msgs_recv == 3 and server.stats()["rejected"] == {"bad_header": 1}
+    assert [r.levelname for r in caplog.records if "bad_header" in r.getMessage()] == ["WARNING"]
 
 
-def test_spoofed_sender_identity_is_rejected(ctx: zmq.Context) -> None:
-    server, _ = _pair(ctx)
-    raw = _raw_dealer(ctx, server, b"mallory")
+def test_spoofed_sender_identity_is_rejected(net: Net) -> None:
+    server, _ = net.pair()
+    raw = net.raw_dealer(server, b"mallory")
     raw.send_multipart(encode(Message("GRAD", sender="client-1")), copy=False)
     raw.send_multipart(encode(Message("CTRL", sender="mallory")), copy=False)
     peer, msg = server.recv(5.0)
@@ -229,9 +261,9 @@ def test_spoofed_sender_identity_is_rejected(ctx: zmq.Context) -> None:
     assert server.rejected == {"sender_mismatch": 1}
 
 
-def test_message_from_another_run_is_rejected(ctx: zmq.Context) -> None:
-    server, _ = _pair(ctx, run="run-a")
-    raw = _raw_dealer(ctx, server, b"old")
+def test_message_from_another_run_is_rejected(net: Net) -> None:
+    server, _ = net.pair(run="run-a")
+    raw = net.raw_dealer(server, b"old")
     raw.send_multipart(encode(Message("ACT", run="run-b", sender="old")), copy=False)
     raw.send_multipart(encode(Message("ACT", run="run-a", sender="old")), copy=False)
     assert server.recv(5.0)[1].run == "run-a"
@@ -240,9 +272,9 @@ def test_message_from_another_run_is_rejected(ctx: zmq.Context) -> None:
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_4mib_exchange_both_ways_counts_bytes_exactly(
-        ctx: zmq.Context, tmp_path: Any, transport: str) -> None:
+        net: Net, tmp_path: Any, transport: str) -> None:
     addr = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp_path}/s.ipc"
-    server, client = _pair(ctx, addr)
+    server, client = net.pair(addr)
     act, grad = torch.randn(1024, 1024), torch.randn(1024, 1024)  # 4 MiB each
     sent_up = client.send("ACT", round=1, step=2, tensors={"x": act}, meta={"batch": 1024})
     peer, up = server.recv(5.0)
@@ -260,15 +292,16 @@ def test_4mib_exchange_both_ways_counts_bytes_exactly(
     json.dumps(server.stats()), json.dumps(client.stats())
 
 
-def test_bytes_counted_equal_tensor_bytes_plus_header_bytes(ctx: zmq.Context) -> None:
-    server, client = _pair(ctx)
+def test_bytes_counted_equal_tensor_bytes_plus_header_bytes(net: Net) -> None:
+    server, client = net.pair()
     base_sent, base_hdr = client.bytes_sent, client.header_bytes_sent
     payloads = [{}, {"x": torch.randn(100)}, {"a": torch.ones(3, 3, dtype=torch.bfloat16),
                                               "b": torch.zeros(0)},
                 {"y": torch.arange(5000), "m": torch.ones(7, dtype=torch.bool)}]
     returned = [client.send("ACT", step=i, tensors=p) for i, p in enumerate(payloads)]
     for i in range(len(payloads)):
-        assert server.recv(5.0)[1].step == i
+        msg = server.recv(5.0)[1]
+        assert (msg.step, msg.seq) == (i, i + 1)  # seq 0 was the HELLO
     tensor_bytes = sum(t.nbytes for p in payloads for t in p.values())
     header_bytes = client.header_bytes_sent - base_hdr
     assert client.bytes_sent - base_sent == sum(returned) == tensor_bytes + header_bytes
@@ -277,32 +310,40 @@ def test_bytes_counted_equal_tensor_bytes_plus_header_bytes(ctx: zmq.Context) ->
     assert server.msgs_recv == client.msgs_sent == 1 + len(payloads)
 
 
-def test_recv_timeout_raises_naming_the_endpoint(ctx: zmq.Context) -> None:
-    server, _ = _pair(ctx)
+def test_endpoint_refuses_to_send_what_its_peer_would_drop(net: Net) -> None:
+    small = net.endpoint("dealer", "small", max_message_bytes=1000)
+    with pytest.raises(ProtocolError, match="message") as info:
+        small.send("ACT", tensors={"x": torch.zeros(1000)})
+    assert info.value.reason == "too_large" and small.msgs_sent == 0
+
+
+def test_recv_timeout_raises_naming_the_endpoint(net: Net) -> None:
+    server, _ = net.pair()
+    assert not server.poll(0.05)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="server"):
         server.recv(0.2)
     assert time.monotonic() - start >= 0.19
 
 
-def test_router_send_to_unknown_peer_raises_naming_it(ctx: zmq.Context) -> None:
-    server, _ = _pair(ctx)
+def test_router_send_to_unknown_peer_raises_naming_it(net: Net) -> None:
+    server, _ = net.pair()
     with pytest.raises(ConnectionError, match="ghost"):
         server.send("CTRL", to="ghost")
     assert server.msgs_sent == 0
 
 
-def test_dealer_send_without_a_peer_times_out(ctx: zmq.Context) -> None:
-    lonely = Endpoint(ctx, "dealer", "lonely", send_timeout_s=0.2)
+def test_dealer_send_without_a_peer_times_out(net: Net) -> None:
+    lonely = net.endpoint("dealer", "lonely", send_timeout_s=0.2)
     lonely.connect("tcp://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(TimeoutError, match="lonely"):
+    with pytest.raises(TimeoutError, match="lonely.*tcp://127.0.0.1:9"):
         lonely.send("HELLO")
     with pytest.raises(ValueError, match="no 'to'"):
         lonely.send("HELLO", to="server")
 
 
-def test_close_right_after_large_send_still_delivers(ctx: zmq.Context) -> None:
-    server, client = _pair(ctx)
+def test_close_right_after_large_send_still_delivers(net: Net) -> None:
+    server, client = net.pair()
     big = torch.randn(4 * MIB)  # 16 MiB
     client.send("W_UP", tensors={"w": big})
     client.close()
