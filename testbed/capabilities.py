@@ -28,25 +28,27 @@ class Capabilities:
     def switch(self) -> str:
         return "ovs" if self.ovs else "linuxbridge"
 
+    @property
+    def link_backend(self) -> str:
+        return "netem" if self.netem else "relay"
+
     def mechanisms(self) -> dict[str, str]:
-        """Which mechanism emulates each link parameter ('none' means not applied)."""
-        impaired = "netem" if self.netem else "none"
-        return {
-            "bw": "htb",
-            "delay": impaired,
-            "jitter": impaired,
-            "loss": impaired,
-            "max_queue_size": impaired,
-        }
+        """Which mechanism emulates each link parameter."""
+        if self.netem:
+            return {"bw": "htb", "delay": "netem", "jitter": "netem", "loss": "netem",
+                    "max_queue_size": "netem"}
+        relay = "relay (user-space, a node in the middle of each shaped link)"
+        return dict.fromkeys(("bw", "delay", "jitter", "loss", "max_queue_size"), relay)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "switch": self.switch, "mechanisms": self.mechanisms()}
+        return {**asdict(self), "switch": self.switch, "link_backend": self.link_backend,
+                "mechanisms": self.mechanisms()}
 
     def describe(self) -> list[str]:
         lines = [
             f"switch: {'Open vSwitch' if self.ovs else 'Linux bridge (no controller)'}",
-            "link parameters: "
-            + ", ".join(f"{k} via {v}" for k, v in self.mechanisms().items()),
+            f"link emulation: {self.mechanisms()['delay']}" if not self.netem else
+            "link emulation: bw via htb; delay, jitter, loss, queue via netem",
             f"cgroups v1: cpu={'yes' if self.cgroup_cpu else 'no'} "
             f"memory={'yes' if self.cgroup_memory else 'no'}",
         ]
@@ -78,8 +80,8 @@ def probe() -> Capabilities:
     notes = []
     if not netem:
         notes.append(
-            "WARNING: this kernel has no netem: link delay, jitter, loss and queue limits "
-            "are NOT applied (bandwidth is, through htb)."
+            "this kernel has no netem: every shaped link gets a user-space relay node "
+            "(testbed.relay) that applies rate, queue, delay, jitter and loss."
         )
     return Capabilities(
         netem=netem,

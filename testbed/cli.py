@@ -126,12 +126,42 @@ def cmd_caps(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_linkcheck(a: argparse.Namespace) -> int:
+    from testbed.capabilities import probe
+    from testbed.linkcheck import Tolerance, format_rows, linkcheck
+    from testbed.network import build_network
+
+    topo, _ = load_topology(a.topology, a.topo, parse_params(a.topo_param, "-p"))
+    caps = probe()
+    print("\n".join(caps.describe()))
+    network = build_network(topo, caps)
+    try:
+        rows = linkcheck(network, pings=a.pings, iperf_s=a.iperf_s,
+                         tol=Tolerance(goodput_min=a.goodput_min))
+    finally:
+        network.stop()
+    print(format_rows(rows))
+    bad = [r["pair"] for r in rows if not r["ok"]]
+    if bad:
+        print(f"linkcheck: outside tolerance: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sledge", description="split learning over an emulated edge")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one experiment on a topology")
     _add_run_args(r)
     r.set_defaults(func=cmd_run)
+    lc = sub.add_parser("linkcheck", help="measure every path: configured vs measured")
+    lc.add_argument("topology")
+    lc.add_argument("--topo")
+    lc.add_argument("-p", "--topo-param", action="append", default=[], metavar="KEY=VALUE")
+    lc.add_argument("--pings", type=int, default=200)
+    lc.add_argument("--iperf-s", type=float, default=3.0, help="iperf3 seconds (0: skip)")
+    lc.add_argument("--goodput-min", type=float, default=0.90,
+                    help="least TCP goodput / configured rate that passes")
+    lc.set_defaults(func=cmd_linkcheck)
     c = sub.add_parser("caps", help="print what this kernel offers for link emulation")
     c.set_defaults(func=cmd_caps)
     return p

@@ -2,10 +2,9 @@
 
 Topologies (topologies/*.py) say *what* the network is: hosts with a `role`, switches and
 links with bandwidth, delay, jitter, loss and queue parameters. This module makes it real
-with the mechanisms the kernel offers (testbed.capabilities): Open vSwitch where the kernel
-has it, Linux bridges with no controller where it does not, TCLink for shaping. Parameters
-the kernel cannot apply are removed before Mininet sees them (TCLink would otherwise print
-an error and silently carry on) and are reported, never dropped silently.
+with what the kernel offers (testbed.capabilities): Open vSwitch where the kernel has it,
+Linux bridges with no controller where it does not; the link backend (testbed.links: netem,
+or a user-space relay node per shaped link) applies and changes the link parameters.
 """
 
 from __future__ import annotations
@@ -24,8 +23,9 @@ from mininet.nodelib import LinuxBridge
 from mininet.topo import Topo
 
 from testbed.capabilities import Capabilities
+from testbed.linkmodel import LinkParams
+from testbed.links import LinkBackend, choose_backend
 
-IMPAIRMENTS = ("delay", "jitter", "loss", "max_queue_size")
 COUNTERS = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets", "rx_dropped", "tx_dropped")
 
 
@@ -50,13 +50,23 @@ class ShapedLink(TCLink):
 
 @dataclass
 class Network:
-    """A started Mininet net plus what was (not) applied to its links."""
+    """A started Mininet net and the backend that shapes its links."""
 
     net: Mininet
     caps: Capabilities
+    links: LinkBackend
     not_applied: list[dict] = field(default_factory=list)
-
     kind = "mininet"
+
+    # -- run-time link changes (see testbed.links) ---------------------------------------------
+    def set_link(self, a: str, b: str, **params: Any) -> LinkParams:
+        return self.links.set_link(a, b, **params)
+
+    def link_down(self, a: str, b: str) -> None:
+        self.links.link_down(a, b)
+
+    def link_up(self, a: str, b: str) -> None:
+        self.links.link_up(a, b)
 
     def hosts_by_role(self, role: str) -> list[str]:
         return [h.name for h in self.net.hosts if h.params.get("role") == role]
@@ -69,15 +79,14 @@ class Network:
         return self.net.get(name)
 
     def describe_hosts(self) -> dict[str, dict]:
-        return {h.name: {"role": h.params.get("role"), "ip": h.IP()} for h in self.net.hosts}
+        return {h.name: {"role": h.params.get("role"), "ip": h.IP()} for h in self.net.hosts
+                if h.params.get("role") != "relay"}
 
     def link_params(self) -> list[dict]:
-        """Configured parameters of every link, as applied (for the run's config)."""
-        out = []
-        for link in self.net.links:
-            params = {k: v for k, v in link.intf1.params.items() if k != "node"}
-            out.append({"intf1": link.intf1.name, "intf2": link.intf2.name, **params})
-        return out
+        """The link model of every shaped link as applied (for the run's config)."""
+        return [{"link": f"{a}-{b}", "backend": self.links.name, **p.to_dict(),
+                 **({"relay": self.links.relays[(a, b)]} if self.links.name == "relay" else {})}
+                for (a, b), p in self.links.params.items()]
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Kernel counters of every link interface, read inside the namespace that holds it."""
@@ -92,7 +101,10 @@ class Network:
         return result
 
     def stop(self) -> None:
-        self.net.stop()
+        try:
+            self.links.stop()
+        finally:
+            self.net.stop()
 
 
 class LocalHost:
@@ -166,33 +178,25 @@ def counter_delta(after: dict, before: dict) -> dict[str, dict[str, int]]:
     }
 
 
-def strip_unsupported(topo: Topo, caps: Capabilities) -> list[dict]:
-    """Remove link parameters the kernel cannot apply; return what was removed, per link."""
-    if caps.netem:
-        return []
-    removed = []
-    for n1, n2, info in topo.links(sort=True, withKeys=False, withInfo=True):
-        gone = {k: info.pop(k) for k in IMPAIRMENTS if info.get(k) not in (None, 0, "0ms")}
-        for k in IMPAIRMENTS:
-            info.pop(k, None)
-        if gone:
-            removed.append({"link": f"{n1}-{n2}", **gone})
-    return removed
-
-
-def build_network(topo: Topo, caps: Capabilities, *, verbosity: str = "warning") -> Network:
+def build_network(topo: Topo, caps: Capabilities, *, link_backend: str = "auto",
+                  verbosity: str = "warning") -> Network:
     """Build and start the net. On any failure what was built is stopped before raising."""
     if os.geteuid() != 0:
         raise PermissionError("building a Mininet network needs root: run with sudo")
     setLogLevel(verbosity)
-    not_applied = strip_unsupported(topo, caps)
+    links = choose_backend(caps.netem, link_backend)
+    topo = links.prepare(topo)
     switch = OVSBridge if caps.ovs else LinuxBridge
     net = Mininet(topo=topo, switch=switch, controller=None, link=ShapedLink,
                   autoSetMacs=True, build=False, waitConnected=False)
     try:
         net.build()
         net.start()
+        links.start(net)
     except BaseException:
-        net.stop()
+        try:
+            links.stop()
+        finally:
+            net.stop()
         raise
-    return Network(net=net, caps=caps, not_applied=not_applied)
+    return Network(net=net, caps=caps, links=links)

@@ -224,6 +224,8 @@ class Relay:
                             n = s.recv_into(buf, MAX_FRAME, socket.MSG_DONTWAIT)
                         except BlockingIOError:
                             break
+                        except OSError:  # ENETDOWN once when an interface goes down
+                            break
                         pipe.admit(time.monotonic(), bytes(mv[:n]))
                 elif s is self.ctl:
                     conn, _ = s.accept()
