@@ -128,3 +128,18 @@ def test_sledge_linkcheck_passes_on_the_tiny_topology(no_leaks):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"c1->srv\s+20\.00", r.stdout), r.stdout
+
+
+def test_a_replayed_trace_changes_the_link_on_schedule(tiny, tmp_path):
+    net = tiny(delay="5ms")
+    c1, srv = hosts(net)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("time_s,delay,bw\n0,5ms,50\n1.0,40ms,50\n")
+    ping(c1, srv.IP(), 3)
+    series = _ping_series(c1, srv.IP(), 3)
+    t0 = time.time()
+    net.links.replay("c1", "s1", str(trace)).join(5)
+    samples = _parse_series(series.communicate(timeout=20)[0].decode())
+    before = [ms for t, ms in samples if t < t0 + 0.9]
+    after = [ms for t, ms in samples if t > t0 + 1.2]
+    assert before and after and max(before) < 15 and min(after) > 75, (before, after)

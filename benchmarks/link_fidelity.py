@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Link fidelity: configured vs measured RTT and goodput over the backend this kernel uses.
+
+For bw in {1, 10, 50, 100} Mbit/s and one-way delay in {0, 5, 20, 50} ms, a tiny topology is
+built with that client link (the server link unshaped), then ping (RTT) and iperf3 (TCP
+goodput) run between c1 and srv. Writes JSON and prints a table of measured/configured ratios.
+Targets: goodput/configured >= 0.97, |RTT - configured| <= max(3 %, 0.3 ms).
+
+    sudo .venv/bin/python benchmarks/link_fidelity.py [--out benchmarks/results/link_fidelity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from testbed.capabilities import probe  # noqa: E402
+from testbed.cli import load_topology  # noqa: E402
+from testbed.linkcheck import iperf, ping  # noqa: E402
+from testbed.network import build_network  # noqa: E402
+
+BWS = (1, 10, 50, 100)
+DELAYS = (0, 5, 20, 50)
+
+
+def measure(bw: float, delay: float, pings: int, iperf_s: float) -> dict:
+    topo, _ = load_topology(os.path.join(ROOT, "topologies", "tiny.py"),
+                            params={"bw": bw, "delay": f"{delay}ms", "clients": 1})
+    net = build_network(topo, probe())
+    try:
+        c1, srv = net.net.get("c1"), net.net.get("srv")
+        ping(c1, srv.IP(), 3)
+        # Ping at 20 ms intervals: idle-link RTT, not the RTT under the iperf3 load.
+        p = ping(c1, srv.IP(), pings, interval=0.02)
+        g = iperf(c1, srv, iperf_s)
+    finally:
+        net.stop()
+    rtt_cfg = 2 * delay
+    return {"bw_mbit": bw, "delay_ms": delay, "rtt_cfg_ms": rtt_cfg, "rtt_ms": p["rtt_ms"],
+            "rtt_err_ms": p["rtt_ms"] - rtt_cfg, "goodput_mbit": g, "goodput_ratio": g / bw,
+            "rtt_ok": abs(p["rtt_ms"] - rtt_cfg) <= max(0.03 * rtt_cfg, 0.3),
+            "goodput_ok": g / bw >= 0.97}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                  "link_fidelity.json"))
+    ap.add_argument("--pings", type=int, default=100)
+    ap.add_argument("--iperf-s", type=float, default=4.0)
+    a = ap.parse_args()
+    caps = probe()
+    rows = []
+    t0 = time.time()
+    for bw in BWS:
+        for d in DELAYS:
+            rows.append(measure(bw, d, a.pings, a.iperf_s))
+            r = rows[-1]
+            print(f"bw {bw:>4} Mbit/s delay {d:>3} ms: RTT {r['rtt_ms']:7.2f} ms "
+                  f"(cfg {r['rtt_cfg_ms']:5.1f})  goodput {r['goodput_mbit']:7.2f} Mbit/s "
+                  f"ratio {r['goodput_ratio']:.3f}", flush=True)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"backend": caps.link_backend, "capabilities": caps.to_dict(),
+                   "seconds": time.time() - t0, "rows": rows}, f, indent=2)
+    print(f"\nbackend: {caps.link_backend}\n")
+    print("| bw Mbit/s | delay ms | RTT cfg | RTT meas | RTT err ms | goodput | ratio | ok |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ok = "yes" if r["rtt_ok"] and r["goodput_ok"] else \
+            ("RTT" if not r["rtt_ok"] else "") + (" goodput" if not r["goodput_ok"] else "")
+        print(f"| {r['bw_mbit']} | {r['delay_ms']} | {r['rtt_cfg_ms']:.1f} | {r['rtt_ms']:.2f} "
+              f"| {r['rtt_err_ms']:+.2f} | {r['goodput_mbit']:.2f} | {r['goodput_ratio']:.3f} "
+              f"| {ok} |")
+    print(f"\nwritten: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

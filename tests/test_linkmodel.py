@@ -1,0 +1,54 @@
+"""The link model and traces: parsing, presets and errors that name what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.linkcheck import expected_path
+from testbed.linkmodel import LinkParams, preset
+from testbed.links import load_trace
+
+
+def test_mininet_vocabulary_maps_to_the_model_per_direction():
+    p = LinkParams.from_mininet(bw=10, delay="5ms", loss=2, bw_up=3)
+    assert p.up.bw_mbit == 3 and p.down.bw_mbit == 10
+    assert p.up.delay_ms == p.down.delay_ms == 5
+    assert p.up.loss == pytest.approx(0.02)
+
+
+def test_bad_link_parameters_name_the_field():
+    with pytest.raises(ValueError, match="bandwidth"):
+        LinkParams.from_mininet(bandwidth=10)
+    with pytest.raises(ValueError, match="loss"):
+        LinkParams.from_mininet(loss=150)
+
+
+def test_presets_are_asymmetric_where_the_medium_is():
+    cell = preset("cellular")
+    assert cell.up.bw_mbit < cell.down.bw_mbit
+    assert preset("cellular", delay="20ms").up.delay_ms == 20
+    with pytest.raises(ValueError, match="nope"):
+        preset("nope")
+
+
+def test_trace_rows_are_sorted_and_validated(tmp_path):
+    good = tmp_path / "t.csv"
+    good.write_text("time_s,bw,delay\n2,5,10ms\n0,50,1ms\n")
+    assert [t for t, _ in load_trace(str(good))] == [0.0, 2.0]
+    bad = tmp_path / "b.csv"
+    bad.write_text("time_s,bw\n0,10\n1,-5\n")
+    with pytest.raises(ValueError, match="line 3"):
+        load_trace(str(bad))
+    with pytest.raises(ValueError, match="time_s"):
+        (tmp_path / "c.csv").write_text("t,bw\n0,1\n")
+        load_trace(str(tmp_path / "c.csv"))
+
+
+def test_expected_path_adds_delays_both_ways_and_takes_the_slowest_rate():
+    declared = [("c1", "s1", LinkParams.from_mininet(bw=10, delay="5ms", bw_down=20)),
+                ("srv", "s1", LinkParams.from_mininet(bw=100, delay="1ms", loss=10))]
+    e = expected_path(declared, "c1", "srv")
+    assert e["path"] == ["c1", "s1", "srv"]
+    assert e["rtt_ms"] == pytest.approx(12.0)
+    assert e["bw_mbit"] == 10
+    assert e["rtt_loss"] == pytest.approx(1 - 0.9 * 0.9)
