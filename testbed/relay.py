@@ -197,6 +197,7 @@ class Relay:
                  seed: int | None = None) -> None:
         rng = random.Random(seed)
         self.a, self.b = open_port(a), open_port(b)
+        self.names = {self.a: a, self.b: b}
         self.pipes = {"up": Pipe(params.up, rng), "down": Pipe(params.down, rng)}
         # up: frames read on a leave on b; down: read on b, leave on a.
         self.routes = {self.a: (self.pipes["up"], self.b), self.b: (self.pipes["down"], self.a)}
@@ -224,7 +225,8 @@ class Relay:
                             n = s.recv_into(buf, MAX_FRAME, socket.MSG_DONTWAIT)
                         except BlockingIOError:
                             break
-                        except OSError:  # ENETDOWN once when an interface goes down
+                        except OSError:  # ENETDOWN, once, when an interface goes down
+                            self._check_port(s)
                             break
                         pipe.admit(time.monotonic(), bytes(mv[:n]))
                 elif s is self.ctl:
@@ -236,6 +238,15 @@ class Relay:
             now = time.monotonic()
             for pipe, out in self.routes.values():
                 pipe.flush(now, out)
+
+    def _check_port(self, s: socket.socket) -> None:
+        """Down is a state a link can be in; gone means the network was torn down: leave."""
+        name = self.names[s]
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            print(f"relay: interface {name} is gone, exiting", file=sys.stderr)
+            raise SystemExit(0) from None
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -354,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rt-priority", type=int, help="run SCHED_FIFO at this priority")
     ap.add_argument("--seed", type=int, help="seed loss and jitter for a reproducible run")
     args = ap.parse_args(argv)
-    params = LinkParams.from_dict(json.loads(args.params))
+    try:
+        params = LinkParams.from_dict(json.loads(args.params))
+    except ValueError as e:  # JSONDecodeError is one
+        ap.error(f"--params: {e}")
     if args.rt_priority:  # keeps delay accurate when other work saturates the cores
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
 
