@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from testbed.capabilities import probe  # noqa: E402
 from testbed.cli import load_topology  # noqa: E402
-from testbed.linkcheck import iperf, ping  # noqa: E402
+from testbed.linkcheck import PING_FRAME_BYTES, iperf, ping  # noqa: E402
 from testbed.network import build_network  # noqa: E402
 
 BWS = (1, 10, 50, 100)
@@ -41,7 +41,8 @@ def measure(bw: float, delay: float, pings: int, iperf_s: float) -> dict:
         g = iperf(c1, srv, iperf_s)
     finally:
         net.stop()
-    rtt_cfg = 2 * delay
+    # Propagation both ways plus the ping frame's own serialisation at the link rate.
+    rtt_cfg = 2 * delay + 2 * PING_FRAME_BYTES * 8 / (bw * 1e3)
     return {"bw_mbit": bw, "delay_ms": delay, "rtt_cfg_ms": rtt_cfg, "rtt_ms": p["rtt_ms"],
             "rtt_err_ms": p["rtt_ms"] - rtt_cfg, "goodput_mbit": g, "goodput_ratio": g / bw,
             "rtt_ok": abs(p["rtt_ms"] - rtt_cfg) <= max(0.03 * rtt_cfg, 0.3),

@@ -28,7 +28,13 @@ class Tolerance:
     loss_z: float = 3.29       # binomial bound: 99.9 % two-sided
 
 
-def expected_path(declared: list[tuple[str, str, Any]], a: str, b: str) -> dict[str, float]:
+PING_FRAME_BYTES = 98  # 56 B payload + ICMP 8 + IPv4 20 + Ethernet 14
+
+
+def expected_path(declared: list[tuple[str, str, Any]], a: str, b: str,
+                  probe_bytes: int = PING_FRAME_BYTES) -> dict[str, float]:
+    """Configured path a -> b: RTT of a probe (propagation + its serialisation on every
+    rate-limited hop, both ways), slowest rate, round-trip loss."""
     g = nx.MultiGraph()
     for n1, n2, p in declared:
         g.add_edge(n1, n2, n1=n1, params=p)
@@ -43,7 +49,8 @@ def expected_path(declared: list[tuple[str, str, Any]], a: str, b: str) -> dict[
         back.append(here)
     rates = [d.bw_mbit for d in fwd if d.bw_mbit]
     deliver = math.prod(1 - d.loss for d in fwd) * math.prod(1 - d.loss for d in back)
-    return {"path": path, "rtt_ms": sum(d.delay_ms for d in fwd + back),
+    serialise = sum(probe_bytes * 8 / (d.bw_mbit * 1e3) for d in fwd + back if d.bw_mbit)
+    return {"path": path, "rtt_ms": sum(d.delay_ms for d in fwd + back) + serialise,
             "bw_mbit": min(rates) if rates else None, "rtt_loss": 1 - deliver}
 
 

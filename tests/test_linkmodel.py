@@ -49,6 +49,8 @@ def test_expected_path_adds_delays_both_ways_and_takes_the_slowest_rate():
                 ("srv", "s1", LinkParams.from_mininet(bw=100, delay="1ms", loss=10))]
     e = expected_path(declared, "c1", "srv")
     assert e["path"] == ["c1", "s1", "srv"]
-    assert e["rtt_ms"] == pytest.approx(12.0)
+    # 12 ms of propagation plus a 98-byte ping frame serialised on each rate-limited hop.
+    ser = 98 * 8 / 1e3 * (1 / 10 + 1 / 20 + 2 / 100)
+    assert e["rtt_ms"] == pytest.approx(12.0 + ser)
     assert e["bw_mbit"] == 10
     assert e["rtt_loss"] == pytest.approx(1 - 0.9 * 0.9)
