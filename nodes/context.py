@@ -2,15 +2,16 @@
 
 The runtime (nodes.runtime) builds a NodeContext from the node's config; schemes only use it.
 It owns the per-round bookkeeping a scheme should not repeat: compute timing, the loss it
-reports, the data-plane byte counters, the mini-batch stream and the checkpoint file.
+reports, scheme counters, the data-plane byte counters and the names of received tensors, the
+mini-batch stream, in-order message delivery per peer, and the checkpoint file.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +34,15 @@ class NodeContext:
     run: str
     segments: dict[int, nn.Sequential]
     optimizers: dict[int, torch.optim.Optimizer]
-    clients: list[str]
-    servers: list[str]
+    roles: dict[str, list[str]]               # role -> node names (the whole run's)
     router: Endpoint | None = None            # where peers connect to us
     peers: dict[str, Endpoint] = field(default_factory=dict)  # where we connect to
     data: ArrayDataset | None = None
     batch_size: int = 32
-    seed: int = 0
+    seed: int = 0                             # this node's own (data order)
+    run_seed: int = 0                         # the run's, the same on every node
+    num_segments: int = 0                     # of the whole model
+    shard_sizes: dict[str, int] = field(default_factory=dict)  # client -> training samples
     step_timeout_s: float = 300.0
     ckpt_path: str | None = None
     # per-round metrics, reset by the runtime
@@ -49,22 +52,42 @@ class NodeContext:
     loss_n: int = 0
     samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    counters: Counter[str] = field(default_factory=Counter)
+    rx_tensors: set[str] = field(default_factory=set)  # "TYPE:name" of every tensor received
+    _pending: dict[int, deque] = field(default_factory=dict)
     _cursor: int = 0
     _order: torch.Tensor | None = None
     _gen: torch.Generator | None = None
 
+    @property
+    def clients(self) -> list[str]:
+        return self.roles.get("client", [])
+
+    @property
+    def servers(self) -> list[str]:
+        return self.roles.get("server", [])
+
     # -- model --------------------------------------------------------------------------------
-    def model(self) -> nn.Sequential:
-        """The segments this node holds, composed in model order."""
-        return nn.Sequential(*(self.segments[i] for i in sorted(self.segments)))
+    def _held(self, segs: Iterable[int] | None) -> list[int]:
+        return sorted(self.segments) if segs is None else sorted(segs)
 
-    def zero_grad(self) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+    def model(self, segs: Iterable[int] | None = None) -> nn.Sequential:
+        """Segments `segs` (default: all this node holds), composed in model order."""
+        return nn.Sequential(*(self.segments[i] for i in self._held(segs)))
 
-    def step(self) -> None:
-        for opt in self.optimizers.values():
-            opt.step()
+    def zero_grad(self, segs: Iterable[int] | None = None) -> None:
+        for i in self._held(segs):
+            if i in self.optimizers:
+                self.optimizers[i].zero_grad(set_to_none=True)
+
+    def step(self, segs: Iterable[int] | None = None) -> None:
+        for i in self._held(segs):
+            if i in self.optimizers:
+                self.optimizers[i].step()
+
+    def count(self, **amounts: int) -> None:
+        """Add to this round's scheme counters (reported with the round)."""
+        self.counters.update(amounts)
 
     @contextmanager
     def compute(self) -> Iterator[None]:
@@ -100,16 +123,31 @@ class NodeContext:
     def endpoint(self, peer: str) -> Endpoint:
         return self.peers.get(peer, self.router)
 
-    def expect(self, ep: Endpoint, mtype: str, rnd: int, step: int,
+    def expect(self, ep: Endpoint, mtype: str, rnd: int, step: int | None = None,
                peer: str | None = None) -> tuple[str, Message]:
-        """Receive the next data-plane message, which must be `mtype` for (rnd, step)."""
-        sender, msg = ep.recv(self.step_timeout_s)
-        if msg.type != mtype or msg.round != rnd or msg.step != step or (
-                peer is not None and sender != peer):
+        """The next data-plane message on `ep`, which must be `mtype` for round `rnd` (and
+        `step`, when given). With `peer`, the next message from that peer: what others send
+        meanwhile is kept, in order, for later calls (a server serving one client at a time
+        leaves the other clients' messages queued)."""
+        pending = self._pending.setdefault(id(ep), deque())
+        i = next((i for i, (s, _) in enumerate(pending) if peer is None or s == peer), None)
+        got = None
+        if i is not None:  # by index: Messages hold tensors, which do not compare as bools
+            got = pending[i]
+            del pending[i]
+        while got is None:
+            sender, msg = ep.recv(self.step_timeout_s)
+            self.rx_tensors.update(f"{msg.type}:{t}" for t in msg.tensors)
+            if peer is not None and sender != peer:
+                pending.append((sender, msg))
+            else:
+                got = sender, msg
+        sender, msg = got
+        if msg.type != mtype or msg.round != rnd or (step is not None and msg.step != step):
             raise UnexpectedMessage(
-                f"node {self.name}: expected {mtype} round {rnd} step {step}"
-                f"{' from ' + peer if peer else ''}, got {msg.type} round {msg.round} "
-                f"step {msg.step} from {sender}")
+                f"node {self.name}: expected {mtype} round {rnd}"
+                f"{'' if step is None else f' step {step}'}{' from ' + peer if peer else ''}, "
+                f"got {msg.type} round {msg.round} step {msg.step} from {sender}")
         return sender, msg
 
     def data_endpoints(self) -> list[Endpoint]:
@@ -128,18 +166,23 @@ class NodeContext:
             for t, d in ep.by_type.items():
                 by_type[f"{t}.tx"] += d.get("tx_bytes", 0)
                 by_type[f"{t}.rx"] += d.get("rx_bytes", 0)
+                by_type[f"{t}.tx_msgs"] += d.get("tx_msgs", 0)
+                by_type[f"{t}.rx_msgs"] += d.get("rx_msgs", 0)
             rejected.update(ep.rejected)
         return {**tot, "by_type": dict(by_type), "rejected": dict(rejected)}
 
     def round_report(self) -> dict[str, Any]:
         return {"compute_s": self.compute_s, "cpu_s": self.cpu_s, "loss_sum": self.loss_sum,
                 "loss_n": self.loss_n, "samples": self.samples, **self.extra,
+                "counters": dict(self.counters), "rx_tensors": sorted(self.rx_tensors),
                 "proto": self.proto_stats()}
 
     def reset_round(self) -> None:
         self.compute_s = self.cpu_s = self.loss_sum = 0.0
         self.loss_n = self.samples = 0
         self.extra = {}
+        self.counters = Counter()
+        self.rx_tensors = set()
 
     def checkpoint(self, rnd: int) -> None:
         """Write segments and optimizer state atomically; evaluation and resume read it."""

@@ -3,7 +3,9 @@
 `run_node(config)` is a plain function so a fork-server can start nodes later; `python -m
 nodes --config FILE` calls it. The node talks to the controller over an ipc:// control socket
 (outside the emulated network, so control traffic never shows on a link) and to its peers
-over TCP on the emulated network. After each round it checkpoints and sends a REPORT. Any
+over TCP on the emulated network. Before saying HELLO to the controller it opens the data
+plane: every DEALER says HELLO to its ROUTER and every ROUTER waits for the HELLOs it expects,
+so afterwards any node may speak first. After each round it checkpoints and sends a REPORT. Any
 error is sent to the controller as ERROR with its traceback and the process exits non-zero.
 """
 
@@ -14,6 +16,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 import traceback
 from typing import Any
 
@@ -28,8 +31,7 @@ from nodes.schemes import get_scheme
 
 log = logging.getLogger("sledge.node")
 PR_SET_PDEATHSIG = 1
-REQUIRED = ("name", "role", "run", "scheme", "model", "cuts", "segments", "control",
-            "clients", "servers")
+REQUIRED = ("name", "role", "run", "scheme", "model", "cuts", "segments", "control", "roles")
 
 
 def _die_with_parent() -> None:
@@ -70,10 +72,42 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
         peers[peer].connect(addr)
     return NodeContext(
         name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
-        clients=list(config["clients"]), servers=list(config["servers"]), router=router,
+        roles={r: list(h) for r, h in config["roles"].items()}, router=router,
         peers=peers, data=data, batch_size=config.get("batch_size", 32),
         seed=config.get("seed", 0) * 1000 + config.get("index", 0),
+        run_seed=config.get("seed", 0), num_segments=len(segments),
+        shard_sizes=dict(config.get("shards", {})),
         step_timeout_s=config.get("step_timeout_s", 300.0), ckpt_path=config.get("checkpoint"))
+
+
+def open_data_plane(ctx: NodeContext, accept: list[str], timeout_s: float) -> None:
+    """HELLO to every upstream peer; wait for HELLO from every peer in `accept`.
+
+    A ROUTER can address a peer only once it has heard from it; after this exchange a server
+    may send first (e.g. weights to a client) without the scheme knowing about identities.
+    """
+    deadline = time.monotonic() + timeout_s
+    for peer, ep in ctx.peers.items():
+        while True:
+            try:
+                ep.send("HELLO")
+                break
+            except TimeoutError:  # peer not listening yet; libzmq keeps reconnecting
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node {ctx.name}: peer {peer} unreachable for "
+                                       f"{timeout_s:.0f}s") from None
+    waiting = set(accept)
+    while waiting:
+        left = deadline - time.monotonic()
+        try:
+            sender, msg = ctx.router.recv(max(left, 0.0))
+        except TimeoutError:
+            raise TimeoutError(f"node {ctx.name}: no HELLO from {sorted(waiting)} within "
+                               f"{timeout_s:.0f}s") from None
+        if msg.type != "HELLO" or sender not in waiting:
+            raise RuntimeError(f"node {ctx.name}: expected HELLO from {sorted(waiting)}, got "
+                               f"{msg.type} from {sender}")
+        waiting.discard(sender)
 
 
 def run_node(config: dict[str, Any]) -> int:
@@ -90,7 +124,11 @@ def run_node(config: dict[str, Any]) -> int:
         scheme = get_scheme(config["scheme"], **config.get("scheme_options", {}))
         ctx = build_context(config, zctx)
         round_fn = getattr(scheme, f"{ctx.role}_round")
-        control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role})
+        open_data_plane(ctx, list(config.get("accept", [])),
+                        float(config.get("start_timeout_s", 180.0)))
+        # The data-plane bytes so far (the HELLOs) belong to start-up, not to round 1.
+        control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role,
+                                    "proto": ctx.proto_stats()})
         while True:
             _, msg = control.recv(config.get("idle_timeout_s", 3600.0))
             cmd = msg.meta.get("cmd") if msg.type == "CTRL" else None

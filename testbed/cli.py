@@ -67,8 +67,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topo", help="topology name inside the script (default: its first)")
     p.add_argument("-p", "--topo-param", action="append", default=[], metavar="KEY=VALUE",
                    help="topology build parameter, e.g. -p bw=10 -p clients=3")
-    p.add_argument("--scheme", default=d.scheme)
-    p.add_argument("-o", "--scheme-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--scheme", default=d.scheme,
+                   help="sl, sflv1, sflv2 (need a fedserver host: -p fed=True), psl, epsl, fl")
+    p.add_argument("-o", "--scheme-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="scheme option, e.g. -o phi=0.5 -o u_shaped=True (U-shaped needs two "
+                        "--cut); each scheme's options are listed in its nodes/schemes/ file")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--iters", dest="iters_per_round", type=int, default=None,
                    help="iterations per round (default: one local epoch)")

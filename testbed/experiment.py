@@ -56,9 +56,17 @@ def _delta(now: dict, before: dict) -> dict:
 class Experiment:
     def __init__(self, cfg: RunConfig, topo: Topo, *, topology: str = "",
                  on_round: Callable[[Experiment, int], None] | None = None,
+                 on_start: Callable[[Experiment], None] | None = None,
                  loopback: bool = False) -> None:
+        """on_start(exp): called once the network is up, before any node starts (e.g. to
+        start a packet capture); on_round(exp, round): after each round is recorded."""
         cfg.validate()
         self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
+        self.on_start = on_start
+        try:  # a bad scheme name or option fails here, before any network is built
+            self.scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
+        except ValueError as e:
+            raise RunFailed(str(e)) from None
         self.loopback = loopback
         self.caps = probe()
         self.network: Network | LoopbackNetwork | None = None
@@ -69,20 +77,25 @@ class Experiment:
         self._zctx: zmq.Context | None = None
         self._control: Endpoint | None = None
         self._ctl_dir: str | None = None
+        self._startup_proto: dict[str, dict] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
     def _node_configs(self) -> dict[str, Any]:
-        cfg, net = self.cfg, self.network
-        clients, servers = net.hosts_by_role("client"), net.hosts_by_role("server")
-        if not clients or not servers:
-            raise RunFailed(f"topology {self.topology!r}: needs hosts with role='client' and "
-                            f"role='server' (found clients={clients}, servers={servers})")
+        cfg, net, scheme = self.cfg, self.network, self.scheme
+        roles = {r: net.hosts_by_role(r) for r in scheme.roles}
+        missing = [r for r, hosts in roles.items() if not hosts]
+        if missing:
+            raise RunFailed(f"topology {self.topology!r}: scheme {cfg.scheme!r} needs hosts with "
+                            f"role {missing} (roles {list(scheme.roles)}; found {roles})")
+        self.roles, clients = roles, roles["client"]
         info = dataset_info(cfg.dataset)
         self.model_kwargs = {"name": cfg.model, "num_classes": info["num_classes"],
                              "in_channels": info["in_channels"], "image_size": info["image_size"]}
-        scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
         nseg = len(cfg.cuts) + 1
-        self.placement = scheme.placement(nseg, clients, servers)
+        try:
+            self.placement = scheme.placement(nseg, roles)
+        except ValueError as e:
+            raise RunFailed(f"scheme {cfg.scheme!r}: {e}") from None
         self.parts = {c: scheme.model_of(c, self.placement, nseg) for c in clients}
         train = load_dataset(cfg.dataset, "train", root=cfg.data_root, limit=cfg.train_limit,
                              seed=cfg.seed)
@@ -92,24 +105,32 @@ class Experiment:
         self.iters = cfg.iters_per_round or math.ceil(mean_shard / cfg.batch_size)
         control = f"ipc://{self._ctl_dir}/control"
         base = {"run": self.run_id, "scheme": cfg.scheme, "scheme_options": cfg.scheme_options,
-                "model": self.model_kwargs, "cuts": cfg.cuts, "clients": clients,
-                "servers": servers, "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
+                "model": self.model_kwargs, "cuts": cfg.cuts, "roles": roles,
+                "shards": {c: len(s) for c, s in zip(clients, shards, strict=True)},
+                "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
                 "batch_size": cfg.batch_size, "control": control,
-                "step_timeout_s": cfg.step_timeout_s, "threads": 1}
+                "step_timeout_s": cfg.step_timeout_s, "start_timeout_s": cfg.start_timeout_s,
+                "threads": 1}
         configs: dict[str, dict] = {}
-        for name in clients + servers:
-            configs[name] = {**base, "name": name, "role": "client" if name in clients else
-                             "server", "segments": self.placement.get(name, []), "peers": {},
-                             "checkpoint": self.run_dir.file("ckpt", f"{name}.pt")}
+        for role, hosts in roles.items():
+            for name in hosts:
+                if name in configs:
+                    raise RunFailed(f"host {name} has two roles in scheme {cfg.scheme!r}")
+                configs[name] = {**base, "name": name, "role": role,
+                                 "segments": self.placement.get(name, []), "peers": {},
+                                 "accept": [],
+                                 "checkpoint": self.run_dir.file("ckpt", f"{name}.pt")}
         for i, c in enumerate(clients):
             configs[c]["index"] = i
             configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
                                   "limit": cfg.train_limit, "indices": shards[i].tolist()}
-        routers = sorted({r for _, r in scheme.connections(clients, servers)})
+        links = scheme.connections(roles)
+        routers = sorted({r for _, r in links})
         # A port per listening node, so the loopback network can share one address.
         addr = {r: f"tcp://{net.ip(r)}:{cfg.port + i}" for i, r in enumerate(routers)}
-        for dealer, router in scheme.connections(clients, servers):
+        for dealer, router in links:
             configs[router]["listen"] = addr[router]
+            configs[router]["accept"].append(dealer)
             configs[dealer]["peers"][router] = addr[router]
         self.shard_info = {c: {"samples": len(s),
                                "labels": torch.bincount(train.y[torch.as_tensor(s)],
@@ -121,6 +142,7 @@ class Experiment:
         net = self.network
         return {
             "run": self.run_id, "config": self.cfg.to_dict(), "topology": self.topology,
+            "roles": self.roles,
             "capabilities": self.caps.to_dict(),
             "network": net.kind, "hosts": net.describe_hosts(),
             "links": net.link_params(), "not_applied": net.not_applied,
@@ -187,6 +209,8 @@ class Experiment:
             self._zctx = zmq.Context()
             self._control = Endpoint(self._zctx, "router", "controller", run=self.run_id)
             self._control.bind(self.node_configs[next(iter(self.node_configs))]["control"])
+            if self.on_start:
+                self.on_start(self)
             for name, nc in self.node_configs.items():
                 path = self.run_dir.file("nodes", f"{name}.json")
                 self.run_dir.write_json(os.path.join("nodes", f"{name}.json"), nc)
@@ -194,13 +218,15 @@ class Experiment:
                                               self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
             with console.status("starting nodes"):
-                self._collect("HELLO", 0, cfg.start_timeout_s, "start-up")
+                hello = self._collect("HELLO", 0, cfg.start_timeout_s, "start-up")
+            # Round 1's traffic is counted from here: the data-plane HELLOs are start-up.
+            self._startup_proto = {n: m.get("proto", {}) for n, m in hello.items()}
             for rnd in range(1, cfg.rounds + 1):
                 self._round(rnd, evaluator)
             self._broadcast(0, cmd="stop")
             self._collect("BYE", 0, 60, "shutdown")
             for p in self.procs.values():
-                p.popen.wait(30)
+                p.wait(30)
             summary = summarize(self.rounds)
             self.run_dir.write_json("summary.json", summary)
             print_summary(summary, str(self.run_dir.path))
@@ -220,12 +246,14 @@ class Experiment:
             reports = self._collect("REPORT", rnd, self.cfg.round_timeout_s, f"round {rnd}")
         wall = time.perf_counter() - t0
         ifaces = counter_delta(self.network.counters(), before)
-        prev = self.rounds[-1]["_proto"] if self.rounds else {}
+        prev = self.rounds[-1]["_proto"] if self.rounds else self._startup_proto
         nodes = {}
         for n, rep in reports.items():
             d = _delta(rep["proto"], prev.get(n, {}))
-            nodes[n] = {"compute_s": rep["compute_s"], "cpu_s": rep["cpu_s"],
-                        "samples": rep["samples"], **d}
+            # Everything a node reports (compute, scheme counters, received tensor names...)
+            # except what is summed into the round's loss or turned into per-round deltas.
+            own = {k: v for k, v in rep.items() if k not in ("proto", "loss_sum", "loss_n")}
+            nodes[n] = {**own, **d}
         loss_n = sum(r["loss_n"] for r in reports.values())
         rec = {"round": rnd, "time": time.time(), "wall_s": wall, "iters": self.iters,
                "train_loss": sum(r["loss_sum"] for r in reports.values()) / max(loss_n, 1),

@@ -1,10 +1,14 @@
 """The scheme interface: one split-learning algorithm is one class behind it.
 
 A scheme is the schedule (as in torch.distributed.pipelining), not the stages: it says which
-model segments each role holds and what a node of each role does in one round, using the
-NodeContext the runtime gives it (segments, optimizers, data, endpoints, metrics). The runtime
-and the wire protocol never branch on which scheme runs: it calls `<role>_round`.
+roles it needs, which model segments each node holds, who connects to whom, and what a node of
+each role does in one round, using the NodeContext the runtime gives it (segments, optimizers,
+data, endpoints, metrics). The runtime and the wire protocol never branch on which scheme runs:
+the runtime calls `<role>_round` (e.g. `client_round`, `server_round`, `fedserver_round`).
 Adding a scheme means adding one file in nodes/schemes/ with a subclass that sets `name`.
+
+`roles` maps a role to the host names that play it (from the topology's `role=` host
+parameter); every scheme has "client" hosts, which hold the training data.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ if TYPE_CHECKING:
     from nodes.context import NodeContext
 
 REGISTRY: dict[str, type[Scheme]] = {}
+Roles = dict[str, list[str]]
 
 
 class Scheme:
     name: ClassVar[str] = ""
     roles: ClassVar[tuple[str, ...]] = ("client", "server")
-    # Option name -> default; unknown options are rejected by name.
+    # Option name -> default; unknown options are rejected by name, and a value must have
+    # the default's type. Design decisions the spec marks [D] are options.
     options: ClassVar[dict[str, Any]] = {}
+    # Option name -> allowed values, for options that pick one of listed alternatives.
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -36,22 +44,32 @@ class Scheme:
                 f"valid: {sorted(self.options)}"
             )
         self.opts = {**self.options, **opts}
+        for key, value in opts.items():
+            default = self.options[key]
+            # ints are accepted where a float is the default (phi=1 means phi=1.0)
+            numeric = isinstance(default, float) and type(value) is int
+            if type(value) is not type(default) and not numeric:
+                raise ValueError(f"scheme {self.name!r}: option {key}={value!r} must be a "
+                                 f"{type(default).__name__}")
+            if key in self.choices and value not in self.choices[key]:
+                raise ValueError(f"scheme {self.name!r}: option {key}={value!r}; valid: "
+                                 f"{list(self.choices[key])}")
 
     # -- placement: data, not code ---------------------------------------------------------
-    def placement(self, num_segments: int, clients: list[str],
-                  servers: list[str]) -> dict[str, list[int]]:
+    def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
         """Segments each node holds. Default: two-tier, clients the first, servers the rest."""
-        out = {c: [0] for c in clients}
-        out.update({s: list(range(1, num_segments)) for s in servers})
+        out = {c: [0] for c in roles["client"]}
+        out.update({s: list(range(1, num_segments)) for s in roles["server"]})
         return out
 
-    def connections(self, clients: list[str], servers: list[str]) -> list[tuple[str, str]]:
+    def connections(self, roles: Roles) -> list[tuple[str, str]]:
         """(dealer, router) pairs: who connects to whom on the data plane."""
-        return [(c, s) for c in clients for s in servers]
+        return [(c, s) for c in roles["client"] for s in roles["server"]]
 
     def model_of(self, client: str, placement: dict[str, list[int]],
                  num_segments: int) -> list[tuple[str, int]]:
-        """(node, segment) that make up the model client `client` is evaluated with."""
+        """(node, segment) that make up the model client `client` is evaluated with:
+        its own segments, and each other segment from the first node that holds it."""
         parts = []
         for seg in range(num_segments):
             if seg in placement.get(client, []):

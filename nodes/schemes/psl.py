@@ -4,57 +4,50 @@ Clients keep their own first segment (never averaged). Per iteration every clien
 ACT(activations, labels); the server concatenates all N batches, runs one forward and one
 backward over N*b samples, takes one optimizer step, and returns each client its slice of the
 cut-layer gradient, scaled by N so every client sees the per-client mean-loss gradient (1.4).
+
+Options ([D] in the spec): client_grad_scale (per_client | global_mean, 1.4) and
+psl_server_mode: concat (the above), per_client_sequential (one server step per client batch,
+first come first served: SFL-V2 without the fed server), per_client_copies_avg (a server copy
+per client, averaged every iteration: CycleSL's PSL). u_shaped keeps labels on the clients.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from nodes.context import NodeContext
-from nodes.schemes.base import Scheme
+from nodes.schemes.common import SplitScheme, gather, serve_fcfs
 
 
-class PSL(Scheme):
+class PSL(SplitScheme):
     name = "psl"
-    options = {"client_grad_scale": "per_client"}  # or "global_mean" (1.4)
+    options = {**SplitScheme.options, "client_grad_scale": "per_client",
+               "psl_server_mode": "concat"}
+    choices = {"client_grad_scale": ("per_client", "global_mean"),
+               "psl_server_mode": ("concat", "per_client_sequential", "per_client_copies_avg")}
 
-    def client_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
-        (server,) = ctx.servers
-        ep = ctx.peers[server]
-        model = ctx.model()
-        for step, (x, y) in enumerate(ctx.batches(iters)):
-            with ctx.compute():
-                act = model(x)
-            ep.send("ACT", round=rnd, step=step, tensors={"act": act.detach(), "labels": y})
-            _, msg = ctx.expect(ep, "GRAD", rnd, step)
-            with ctx.compute():
-                ctx.zero_grad()
-                act.backward(msg.tensors["grad"])
-                ctx.step()
+    def concatenates(self) -> bool:
+        """Whether all clients' batches form one server batch."""
+        return self.opts["psl_server_mode"] == "concat"
+
+    def grad_scale(self, n: int) -> float:
+        return float(n) if self.opts["client_grad_scale"] == "per_client" else 1.0
+
+    def tail_loss_scale(self, ctx: NodeContext) -> float:
+        n = len(ctx.clients) if self.concatenates() else 1
+        return self.grad_scale(n) / n
 
     def server_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
-        model, n = ctx.model(), len(ctx.clients)
-        scale = float(n) if self.opts["client_grad_scale"] == "per_client" else 1.0
-        for step in range(iters):
-            acts = {}
-            while len(acts) < n:  # synchronous barrier over all clients
-                sender, msg = ctx.expect(ctx.router, "ACT", rnd, step)
-                acts[sender] = msg
-            order = [c for c in ctx.clients if c in acts]
-            with ctx.compute():
-                x = torch.cat([acts[c].tensors["act"] for c in order]).requires_grad_()
-                ys = [acts[c].tensors["labels"] for c in order]
-                out = model(x)
-                sizes = [len(y) for y in ys]
-                outs = out.split(sizes)
-                per_client = [F.cross_entropy(o, y) for o, y in zip(outs, ys, strict=True)]
-                loss = torch.stack(per_client).mean()
-                ctx.zero_grad()
-                loss.backward()
-                ctx.step()
-                grads = (x.grad * scale).split(sizes)
-            for c, g, lc in zip(order, grads, per_client, strict=True):
-                ctx.router.send("GRAD", to=c, round=rnd, step=step,
-                                tensors={"grad": g.contiguous()}, meta={"loss": lc.item()})
-            ctx.record_loss(loss.item(), sum(sizes))
+        model, opts = self.server_model(ctx)
+        if self.concatenates():
+            for step in range(iters):
+                self.server_update(ctx, model, opts, gather(ctx, rnd, step), rnd, step)
+        elif self.opts["psl_server_mode"] == "per_client_sequential":
+            serve_fcfs(ctx, rnd, iters, lambda c, m: self.server_update(
+                ctx, model, opts, [(c, m)], rnd, m.step))
+        else:
+            copies = self.server_copies(ctx)
+            for step in range(iters):
+                copies.reset(ctx)
+                for c, m in gather(ctx, rnd, step):
+                    self.server_update(ctx, copies.models[c], [copies.opts[c]], [(c, m)],
+                                       rnd, step)
+                copies.average_into(ctx, dict.fromkeys(ctx.clients, 1.0))

@@ -1,0 +1,245 @@
+"""What the split schemes share, so no piece of scheme logic lives in two files.
+
+SplitScheme is the base of every split scheme (vanilla SL, SFL-V1/V2, PSL, EPSL). It knows
+- placement: two-tier (client: first segment) or U-shaped (client: first and last segments and
+  the labels; server: the middle; algorithms.md 3);
+- the client's side of one iteration (1.3, and 3 when U-shaped);
+- the server's side of one update over the batches of one or several clients (`server_update`,
+  built from `server_forward` and `send_cut_grads`), which a scheme may override (EPSL does).
+The serving orders a server can follow (`gather`: a barrier over all clients; `serve_fcfs`;
+`serve_in_order`) and per-client server copies (`ServerCopies`) are plain helpers here; which
+one a scheme uses is that scheme's business. Weights on the wire and FedAvg live in weights.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nodes.context import NodeContext, UnexpectedMessage
+from nodes.protocol import Endpoint, Message
+from nodes.schemes.base import Roles, Scheme
+from nodes.schemes.weights import fedavg
+
+Batch = list[tuple[str, Message]]  # (client, its ACT message), in server batch order
+
+
+class SplitScheme(Scheme):
+    options = {
+        "u_shaped": False,           # labels and last segment stay on the client (section 3)
+        "debug_send_labels": False,  # U-shaped only: leak labels anyway (proves the wire test)
+    }
+
+    # -- placement ------------------------------------------------------------------------
+    def client_segments(self, num_segments: int) -> list[int]:
+        if not self.opts["u_shaped"]:
+            return [0]
+        if num_segments < 3:
+            raise ValueError("u_shaped needs two cuts (client: first and last segment, server: "
+                             "the middle), e.g. cuts ['conv1', 'fc1']")
+        return [0, num_segments - 1]
+
+    def server_segments(self, num_segments: int) -> list[int]:
+        own = self.client_segments(num_segments)
+        return [s for s in range(num_segments) if s not in own]
+
+    def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
+        out = {c: self.client_segments(num_segments) for c in roles["client"]}
+        out.update({s: self.server_segments(num_segments) for s in roles["server"]})
+        return out
+
+    # -- scales (1.4) ----------------------------------------------------------------------
+    def grad_scale(self, n: int) -> float:
+        """Factor from the server objective's cut gradient to what a client gets, when `n`
+        clients share one server batch: n gives each client its own mean-loss gradient."""
+        return float(n)
+
+    def tail_loss_scale(self, ctx: NodeContext) -> float:
+        """Factor on a U-shaped client's own loss, so head and tail see one scale."""
+        return 1.0
+
+    # -- client -------------------------------------------------------------------------------
+    def client_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
+        self.train_client(ctx, rnd, iters)
+
+    def train_client(self, ctx: NodeContext, rnd: int, iters: int) -> None:
+        (server,) = ctx.servers
+        ep = ctx.peers[server]
+        for step, (x, y) in enumerate(ctx.batches(iters)):
+            self.client_step(ctx, ep, rnd, step, x, y)
+
+    def client_step(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
+                    x: torch.Tensor, y: torch.Tensor) -> None:
+        """One iteration: head forward, ACT, [U: ACT2, tail and loss, GRAD2], GRAD, backward."""
+        u = self.opts["u_shaped"]
+        with ctx.compute():
+            ctx.zero_grad()
+            act = ctx.model([0])(x)
+        tensors = {"act": act.detach()}
+        if not u or self.opts["debug_send_labels"]:
+            tensors["labels"] = y
+        ep.send("ACT", round=rnd, step=step, tensors=tensors)
+        if u:
+            _, msg = ctx.expect(ep, "ACT2", rnd, step)
+            with ctx.compute():
+                a2 = msg.tensors["act"].clone().requires_grad_()
+                loss = F.cross_entropy(ctx.model([ctx.num_segments - 1])(a2), y)
+                (loss * self.tail_loss_scale(ctx)).backward()
+            ep.send("GRAD2", round=rnd, step=step, tensors={"grad": a2.grad})
+            ctx.record_loss(loss.item(), len(y))
+        grad = self.recv_cut_grad(ctx, ep, rnd, step, len(y))
+        with ctx.compute():
+            act.backward(grad)
+            ctx.step()
+
+    def recv_cut_grad(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
+                      b: int) -> torch.Tensor:
+        return ctx.expect(ep, "GRAD", rnd, step)[1].tensors["grad"]
+
+    # -- server -------------------------------------------------------------------------------
+    def server_model(self, ctx: NodeContext) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
+        segs = self.server_segments(ctx.num_segments)
+        return ctx.model(segs), [ctx.optimizers[i] for i in segs if i in ctx.optimizers]
+
+    def server_copies(self, ctx: NodeContext) -> ServerCopies:
+        """Per-client copies of the server segments, built once per node (so each copy's
+        optimizer state persists across rounds)."""
+        if getattr(self, "_copies", None) is None:
+            self._copies = ServerCopies(ctx, self.server_segments(ctx.num_segments))
+        return self._copies
+
+    def server_update(self, ctx: NodeContext, model: nn.Module,
+                      opts: list[torch.optim.Optimizer], batch: Batch, rnd: int,
+                      step: int) -> None:
+        """One forward over the clients' batches concatenated, one backward of the mean of
+        their losses, one optimizer step; each client gets its slice of the cut gradient."""
+        p = server_forward(self, ctx, model, batch, rnd, step)
+        with ctx.compute():
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            p.out.backward(p.G)
+            for o in opts:
+                o.step()
+        ctx.count(server_steps=1, server_bp_vectors=len(p.out))
+        send_cut_grads(ctx, p, (p.x.grad * self.grad_scale(len(batch))).split(p.sizes), rnd,
+                       step)
+
+
+@dataclass
+class ServerPass:
+    """One server forward over one or several clients' batches, concatenated in `clients`
+    order, and G: the gradient of the server objective L = mean_i L_i at the server output."""
+
+    clients: list[str]
+    sizes: list[int]
+    x: torch.Tensor       # leaf: the concatenated activations
+    out: torch.Tensor     # the server segments' output: logits, or A2 when U-shaped
+    G: torch.Tensor
+    losses: list[float] | None  # per client; None when the clients hold the labels
+
+
+def server_forward(scheme: SplitScheme, ctx: NodeContext, model: nn.Module, batch: Batch,
+                   rnd: int, step: int, *, grad: bool = True) -> ServerPass:
+    """Forward, then G from the labels (two-tier) or from the clients' GRAD2 (U-shaped,
+    after sending each its ACT2). grad=False: no graph is kept (a later pass makes one)."""
+    clients, sizes = [c for c, _ in batch], [len(m.tensors["act"]) for _, m in batch]
+    with ctx.compute(), torch.set_grad_enabled(grad):
+        x = torch.cat([m.tensors["act"] for _, m in batch]).requires_grad_(grad)
+        out = model(x)
+    if scheme.opts["u_shaped"]:
+        for c, o in zip(clients, out.detach().split(sizes), strict=True):
+            ctx.router.send("ACT2", to=c, round=rnd, step=step, tensors={"act": o})
+        g2 = [ctx.expect(ctx.router, "GRAD2", rnd, step, peer=c)[1].tensors["grad"]
+              for c in clients]
+        # Clients send d(tail_loss_scale * L_i)/dA2; undo the cut-gradient scale to get dL/dA2.
+        G = torch.cat(g2) / scheme.grad_scale(len(batch))
+        return ServerPass(clients, sizes, x, out, G, None)
+    with ctx.compute():
+        od = out.detach().requires_grad_()
+        per = [F.cross_entropy(o, m.tensors["labels"])
+               for o, (_, m) in zip(od.split(sizes), batch, strict=True)]
+        torch.stack(per).mean().backward()
+    losses = [v.item() for v in per]
+    ctx.record_loss(sum(losses) / len(losses), sum(sizes))
+    return ServerPass(clients, sizes, x, out, od.grad, losses)
+
+
+def send_cut_grads(ctx: NodeContext, p: ServerPass, rows: Sequence[torch.Tensor], rnd: int,
+                   step: int) -> None:
+    """GRAD to each client of the pass: its own cut-gradient rows, unicast."""
+    for i, (c, g) in enumerate(zip(p.clients, rows, strict=True)):
+        meta = {"loss": p.losses[i]} if p.losses else {}
+        nbytes = ctx.router.send("GRAD", to=c, round=rnd, step=step,
+                                 tensors={"grad": g.contiguous()}, meta=meta)
+        ctx.count(downlink_rows_distinct=len(g), downlink_bytes_distinct=nbytes)
+
+
+# -- serving orders -------------------------------------------------------------------------
+def client_order(ctx: NodeContext, rnd: int) -> list[str]:
+    """A random order of the clients for round `rnd`, the same on every node (run seed)."""
+    g = torch.Generator().manual_seed(ctx.run_seed * 1_000_003 + rnd)
+    return [ctx.clients[i] for i in torch.randperm(len(ctx.clients), generator=g).tolist()]
+
+
+def gather(ctx: NodeContext, rnd: int, step: int) -> Batch:
+    """Synchronous barrier: one ACT of `step` from every client, in ctx.clients order."""
+    got: dict[str, Message] = {}
+    while len(got) < len(ctx.clients):
+        sender, msg = ctx.expect(ctx.router, "ACT", rnd, step)
+        if sender in got or sender not in ctx.clients:
+            raise UnexpectedMessage(f"node {ctx.name}: second or foreign ACT from {sender}")
+        got[sender] = msg
+    return [(c, got[c]) for c in ctx.clients]
+
+
+def serve_fcfs(ctx: NodeContext, rnd: int, iters: int,
+               handle: Callable[[str, Message], None]) -> None:
+    """Every client's `iters` ACTs in arrival order (each client's own in step order)."""
+    nxt = dict.fromkeys(ctx.clients, 0)
+    for _ in range(len(ctx.clients) * iters):
+        sender, msg = ctx.expect(ctx.router, "ACT", rnd)
+        if nxt.get(sender) != msg.step:
+            raise UnexpectedMessage(f"node {ctx.name}: ACT step {msg.step} from {sender}, "
+                                    f"expected step {nxt.get(sender)}")
+        nxt[sender] += 1
+        handle(sender, msg)
+
+
+def serve_in_order(ctx: NodeContext, rnd: int, iters: int, order: list[str],
+                   handle: Callable[[str, Message], None]) -> None:
+    """One client's whole round after another's; the others' ACTs wait in the context."""
+    for c in order:
+        for step in range(iters):
+            handle(*ctx.expect(ctx.router, "ACT", rnd, step, peer=c))
+
+
+class ServerCopies:
+    """One copy of the server-side segments per client, each with its own optimizer (built
+    like the node's), reset from and averaged back into the node's own segments."""
+
+    def __init__(self, ctx: NodeContext, segs: list[int]) -> None:
+        self.segs = segs
+        base = ctx.model(segs)
+        like = next(ctx.optimizers[i] for i in segs if i in ctx.optimizers)
+        self.models = {c: copy.deepcopy(base) for c in ctx.clients}
+        self.opts = {c: type(like)(m.parameters(), **like.defaults)
+                     for c, m in self.models.items()}
+
+    def reset(self, ctx: NodeContext) -> None:
+        state = ctx.model(self.segs).state_dict()
+        for m in self.models.values():
+            m.load_state_dict(state)
+
+    def average_into(self, ctx: NodeContext, weights: dict[str, float], *,
+                     buffers: bool = True) -> None:
+        names = {n for m in self.models.values() for n, _ in m.named_parameters()}
+        clients = list(self.models)
+        avg = fedavg([{k: v for k, v in self.models[c].state_dict().items()
+                       if buffers or k in names} for c in clients],
+                     [weights[c] for c in clients])
+        ctx.model(self.segs).load_state_dict(avg, strict=buffers)

@@ -1,0 +1,136 @@
+"""Efficient parallel split learning, EPSL (algorithms.md section 6): PSL plus last-layer
+gradient aggregation.
+
+Per iteration the server runs PSL's forward over the N concatenated batches and gets G, the
+gradient of the mean loss at the server output (N x b rows). The first k_a = round(phi*b)
+batch positions are aggregated: their rows are summed over clients into one row per position
+and back-propagated once, through client j mod N (representative-sample BP, 6.2 step 4). The
+cut-layer row that comes out is the same for every client and goes out as GRAD_BCAST; the
+other b - k_a rows of each client go back as in PSL (GRAD). Server BP handles
+b*(phi + N*(1 - phi)) vectors instead of N*b: at phi=1 that is b, whatever N; phi=0 is PSL.
+
+Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
+- phi in [0, 1];
+- epsl_bp_mode: representative (above) | cutlayer_average (PSL's full backward, then the
+  aggregated cut rows averaged over clients: only the downlink changes; an ablation);
+- epsl_bp_compute: masked (one backward whose seed has zero rows: the counters show the work
+  saved, the CPU does not) | subset (a forward without graph for G, then forward and backward
+  over the needed rows only: the saving is real, at the cost of a second forward, and BN
+  layers would see the subset's batch statistics).
+On the ZeroMQ star a "broadcast" is one GRAD_BCAST per client; counters give the rows and bytes
+a broadcast medium would carry once (downlink_*_distinct) beside the measured per-type bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nodes.context import NodeContext
+from nodes.protocol import Endpoint
+from nodes.schemes.common import Batch, send_cut_grads, server_forward
+from nodes.schemes.psl import PSL
+
+
+def aggregated_positions(phi: float, b: int) -> int:
+    """k_a = round(phi*b), rounding halves up (both ends must agree on it)."""
+    return int(math.floor(phi * b + 0.5))
+
+
+def representative_seed(G: torch.Tensor, k_a: int) -> torch.Tensor:
+    """G' from G (N, b, ...): position j < k_a carries the sum over clients at client j mod N
+    and zero elsewhere; positions j >= k_a are unchanged."""
+    seed = G.clone()
+    if k_a:
+        j = torch.arange(k_a)
+        summed = G[:, :k_a].sum(0)
+        seed[:, :k_a] = 0
+        seed[j % G.shape[0], j] = summed
+    return seed
+
+
+def backprop_rows(n: int, b: int, k_a: int) -> torch.Tensor:
+    """Flat indices (into N*b) of the rows representative-sample BP needs."""
+    j = torch.arange(k_a)
+    rest = torch.arange(n * b).view(n, b)[:, k_a:].reshape(-1)
+    return torch.cat([(j % n) * b + j, rest])
+
+
+def split_downlink(xgrad: torch.Tensor, k_a: int, scale: float,
+                   mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the cut gradient (N, b, ...) of the mean loss: the k_a rows every client shares
+    and the (N, b - k_a) rows each gets alone, both on the per-client scale `scale` implies."""
+    n, j = xgrad.shape[0], torch.arange(k_a)
+    if mode == "representative":  # row j came from one client's Jacobian: already summed
+        shared = xgrad[j % n, j] * (scale / n)
+    else:
+        shared = (xgrad[:, :k_a] * scale).mean(0)
+    return shared, xgrad[:, k_a:] * scale
+
+
+class EPSL(PSL):
+    name = "epsl"
+    options = {**{k: v for k, v in PSL.options.items() if k != "psl_server_mode"},
+               "phi": 0.5, "epsl_bp_mode": "representative", "epsl_bp_compute": "masked"}
+    choices = {"client_grad_scale": PSL.choices["client_grad_scale"],
+               "epsl_bp_mode": ("representative", "cutlayer_average"),
+               "epsl_bp_compute": ("masked", "subset")}
+
+    def __init__(self, **opts) -> None:
+        super().__init__(**opts)
+        if not 0.0 <= self.opts["phi"] <= 1.0:
+            raise ValueError(f"scheme 'epsl': option phi={self.opts['phi']!r} must be in [0, 1]")
+
+    def concatenates(self) -> bool:
+        return True
+
+    def server_update(self, ctx: NodeContext, model: nn.Module,
+                      opts: list[torch.optim.Optimizer], batch: Batch, rnd: int,
+                      step: int) -> None:
+        n, b = len(batch), len(batch[0][1].tensors["act"])
+        if any(len(m.tensors["act"]) != b for _, m in batch):
+            raise ValueError("epsl aggregates batch positions across clients: every client "
+                             "needs the same batch size (a shard smaller than batch_size?)")
+        k_a, mode = aggregated_positions(self.opts["phi"], b), self.opts["epsl_bp_mode"]
+        subset = self.opts["epsl_bp_compute"] == "subset" and mode == "representative"
+        p = server_forward(self, ctx, model, batch, rnd, step, grad=not subset)
+        with ctx.compute():
+            G = p.G.unflatten(0, (n, b))
+            seed = (representative_seed(G, k_a) if mode == "representative" else G).flatten(0, 1)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            if subset:
+                rows = backprop_rows(n, b, k_a)
+                xs = p.x.detach()[rows].requires_grad_()
+                model(xs).backward(seed[rows])
+                xgrad = torch.zeros_like(p.x)
+                xgrad[rows] = xs.grad
+            else:
+                p.out.backward(seed)
+                xgrad = p.x.grad
+            for o in opts:
+                o.step()
+            shared, own = split_downlink(xgrad.unflatten(0, (n, b)), k_a,
+                                         self.grad_scale(n), mode)
+        ctx.count(server_steps=1,
+                  server_bp_vectors=n * b if mode == "cutlayer_average" else k_a + n * (b - k_a))
+        if k_a:
+            for i, c in enumerate(p.clients):
+                nbytes = ctx.router.send("GRAD_BCAST", to=c, round=rnd, step=step,
+                                         tensors={"grad": shared})
+                if i == 0:  # what one broadcast would carry
+                    ctx.count(downlink_rows_distinct=k_a, downlink_bytes_distinct=nbytes)
+        if k_a < b:
+            send_cut_grads(ctx, p, list(own), rnd, step)
+
+    def recv_cut_grad(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
+                      b: int) -> torch.Tensor:
+        k_a = aggregated_positions(self.opts["phi"], b)
+        parts = []
+        if k_a:
+            parts.append(ctx.expect(ep, "GRAD_BCAST", rnd, step)[1].tensors["grad"])
+        if k_a < b:
+            parts.append(ctx.expect(ep, "GRAD", rnd, step)[1].tensors["grad"])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
