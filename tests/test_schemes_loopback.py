@@ -93,8 +93,8 @@ def test_epsl_with_phi_one_backprops_one_mth_of_psl_vectors_and_sends_one_row_se
         p, f = r_psl["nodes"]["srv"]["counters"], r_full["nodes"]["srv"]["counters"]
         assert p["server_bp_vectors"] == ITERS * M * BATCH
         assert f["server_bp_vectors"] * M == p["server_bp_vectors"]          # 1/M, exactly
-        assert f["downlink_rows_distinct"] == ITERS * BATCH                    # b per iteration
-        assert f["downlink_bytes_distinct"] * M == pytest.approx(p["downlink_bytes_distinct"],
+        assert f["grad_rows_down"] == ITERS * BATCH                    # b per iteration
+        assert f["grad_bytes_down"] * M == pytest.approx(p["grad_bytes_down"],
                                                                  rel=0.02)
         srv = r_full["nodes"]["srv"]["by_type"]
         assert srv["GRAD_BCAST.tx_msgs"] == ITERS * M and srv.get("GRAD.tx_msgs", 0) == 0

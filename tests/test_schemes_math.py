@@ -82,13 +82,13 @@ def test_epsl_phi_one_gives_every_client_the_same_b_rows_and_backprops_b_vectors
     assert [t for t, _, _ in sent] == ["GRAD_BCAST"] * N
     rows = [tensors["grad"] for _, _, tensors in sent]
     assert all(torch.equal(r, rows[0]) for r in rows) and len(rows[0]) == B
-    assert ctx.counters["server_bp_vectors"] == B == ctx.counters["downlink_rows_distinct"]
+    assert ctx.counters["server_bp_vectors"] == B == ctx.counters["grad_rows_down"]
 
 
 def test_epsl_backprops_b_times_phi_plus_n_times_one_minus_phi_vectors():
     ctx = server_ctx()
     epsl_step(ctx, phi=0.5)  # 4 shared rows + N x 4 own rows
-    assert ctx.counters["server_bp_vectors"] == ctx.counters["downlink_rows_distinct"] == 16
+    assert ctx.counters["server_bp_vectors"] == ctx.counters["grad_rows_down"] == 16
     assert [t for t, _, _ in ctx.router.sent] == ["GRAD_BCAST"] * N + ["GRAD"] * N
     assert all(len(g["grad"]) == 4 for _, _, g in ctx.router.sent)
 

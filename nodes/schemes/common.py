@@ -9,6 +9,11 @@ SplitScheme is the base of every split scheme (vanilla SL, SFL-V1/V2, PSL, EPSL)
 The serving orders a server can follow (`gather`: a barrier over all clients; `serve_fcfs`;
 `serve_in_order`) and per-client server copies (`ServerCopies`) are plain helpers here; which
 one a scheme uses is that scheme's business. Weights on the wire and FedAvg live in weights.py.
+
+Counters a server reports per round (ctx.count): server_steps (optimizer steps),
+server_bp_vectors (output-gradient rows back-propagated), grad_rows_down and grad_bytes_down
+(cut-gradient rows and message bytes sent to clients, a broadcast counted once); aggregators
+add aggregations.
 """
 
 from __future__ import annotations
@@ -176,7 +181,7 @@ def send_cut_grads(ctx: NodeContext, p: ServerPass, rows: Sequence[torch.Tensor]
         meta = {"loss": p.losses[i]} if p.losses else {}
         nbytes = ctx.router.send("GRAD", to=c, round=rnd, step=step,
                                  tensors={"grad": g.contiguous()}, meta=meta)
-        ctx.count(downlink_rows_distinct=len(g), downlink_bytes_distinct=nbytes)
+        ctx.count(grad_rows_down=len(g), grad_bytes_down=nbytes)
 
 
 # -- serving orders -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
   over the needed rows only: the saving is real, at the cost of a second forward, and BN
   layers would see the subset's batch statistics).
 On the ZeroMQ star a "broadcast" is one GRAD_BCAST per client; counters give the rows and bytes
-a broadcast medium would carry once (downlink_*_distinct) beside the measured per-type bytes.
+a broadcast medium would carry once (grad_*_down) beside the measured per-type bytes.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class EPSL(PSL):
                 nbytes = ctx.router.send("GRAD_BCAST", to=c, round=rnd, step=step,
                                          tensors={"grad": shared})
                 if i == 0:  # what one broadcast would carry
-                    ctx.count(downlink_rows_distinct=k_a, downlink_bytes_distinct=nbytes)
+                    ctx.count(grad_rows_down=k_a, grad_bytes_down=nbytes)
         if k_a < b:
             send_cut_grads(ctx, p, list(own), rnd, step)
 
