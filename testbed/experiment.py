@@ -168,10 +168,11 @@ class Experiment:
             if time.monotonic() > deadline:
                 missing = sorted(set(self.procs) - set(got))
                 raise RunFailed(f"{what}: no {mtype} from {missing} within {timeout_s:.0f}s")
-            if not self._control.poll(0.2):
+            try:  # recv, not poll+recv(0): an invalid message is dropped and must not crash us
+                sender, msg = self._control.recv(0.2)
+            except TimeoutError:
                 self._fail_if_dead()
                 continue
-            sender, msg = self._control.recv(0)
             if msg.type == "ERROR":
                 raise RunFailed(f"node {sender} failed: {msg.meta.get('error')}\n"
                                 f"{msg.meta.get('traceback', '')}")
