@@ -94,6 +94,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--step-timeout", dest="step_timeout_s", type=float, default=d.step_timeout_s)
     p.add_argument("--no-eval", dest="evaluate", action="store_false")
+    p.add_argument("--launcher", default=d.launcher, choices=["popen", "zygote"],
+                   help="popen: an interpreter per node; zygote: nodes forked from a warm process")
+    p.add_argument("--link-backend", default=d.link_backend, choices=["auto", "netem", "relay"])
+    p.add_argument("--linkcheck", action="store_true",
+                   help="measure every path (ping, iperf3) before training; stored with the run")
     p.add_argument("--loopback", action="store_true",
                    help="no Mininet, no emulation: all nodes on 127.0.0.1 (scheme development)")
 

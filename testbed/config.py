@@ -39,6 +39,9 @@ class RunConfig:
     start_timeout_s: float = 180.0
     round_timeout_s: float = 3600.0
     evaluate: bool = True
+    launcher: str = "popen"       # "popen": an interpreter per node; "zygote": forked, warm
+    link_backend: str = "auto"    # "auto": netem where the kernel has it, else "relay"
+    linkcheck: bool = False       # measure every path before training, store linkcheck.json
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -79,6 +82,9 @@ class RunConfig:
              "expected a non-empty list of cut-point names")
         need(isinstance(self.scheme_options, dict), "scheme_options", "expected a mapping")
         need(self.port < 65536, "port", "expected a TCP port")
+        need(self.launcher in ("popen", "zygote"), "launcher", "expected 'popen' or 'zygote'")
+        need(self.link_backend in ("auto", "netem", "relay"), "link_backend",
+             "expected 'auto', 'netem' or 'relay'")
         for f in ("step_timeout_s", "start_timeout_s", "round_timeout_s"):
             need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
                  "expected a number of seconds > 0")

@@ -30,7 +30,7 @@ from nodes.schemes import get_scheme
 from testbed.capabilities import probe
 from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
-from testbed.launcher import NodeProcess, start_node, stop_all
+from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 
@@ -77,6 +77,7 @@ class Experiment:
         self._zctx: zmq.Context | None = None
         self._control: Endpoint | None = None
         self._ctl_dir: str | None = None
+        self.launcher: Launcher | None = None
         self._startup_proto: dict[str, dict] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -198,7 +199,10 @@ class Experiment:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1")
                 self.network = LoopbackNetwork(self.topo, self.caps)
             else:
-                self.network = build_network(self.topo, self.caps)
+                self.network = build_network(self.topo, self.caps,
+                                             link_backend=cfg.link_backend)
+                if cfg.linkcheck:
+                    self._linkcheck()
             for item in self.network.not_applied:
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
@@ -212,11 +216,12 @@ class Experiment:
             self._control.bind(self.node_configs[next(iter(self.node_configs))]["control"])
             if self.on_start:
                 self.on_start(self)
+            self.launcher = make_launcher(cfg.launcher)
             for name, nc in self.node_configs.items():
                 path = self.run_dir.file("nodes", f"{name}.json")
                 self.run_dir.write_json(os.path.join("nodes", f"{name}.json"), nc)
-                self.procs[name] = start_node(self.network.host(name), path,
-                                              self.run_dir.file("logs", f"{name}.log"))
+                self.procs[name] = self.launcher.start(self.network.host(name), path,
+                                                       self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
             with console.status("starting nodes"):
                 hello = self._collect("HELLO", 0, cfg.start_timeout_s, "start-up")
@@ -270,8 +275,22 @@ class Experiment:
         if self.on_round:
             self.on_round(self, rnd)
 
+    def _linkcheck(self) -> None:
+        from testbed.linkcheck import format_rows, linkcheck
+
+        with console.status("linkcheck: measuring every path"):
+            rows = linkcheck(self.network, pings=50, iperf_s=2.0)
+        self.run_dir.write_json("linkcheck.json", rows)
+        console.print(format_rows(rows))
+        bad = [r["pair"] for r in rows if not r["ok"]]
+        if bad:
+            console.print(f"[yellow]linkcheck: outside tolerance: {', '.join(bad)}")
+
     def _teardown(self) -> None:
         stop_all(list(self.procs.values()))
+        if self.launcher:
+            with suppress(Exception):
+                self.launcher.close()
         if self._control:
             self._control.close()
         if self._zctx:

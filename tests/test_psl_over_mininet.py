@@ -167,3 +167,40 @@ def test_ctrl_c_tears_everything_down(tmp_path, no_leaks):
             p.wait()
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}"), f"node process {pid} survived"
+
+
+def test_20ms_link_delay_makes_a_round_measurably_slower_than_0ms(tmp_path, no_leaks):
+    _, zero, _ = tiny_run(tmp_path / "d0", {"delay": "0ms", "bw": 100}, rounds=1,
+                          iters_per_round=10)
+    _, twenty, _ = tiny_run(tmp_path / "d20", {"delay": "20ms", "bw": 100}, rounds=1,
+                            iters_per_round=10)
+    # Each iteration waits for ACT up and GRAD down: at least 10 x 40 ms of propagation.
+    assert twenty["mean_round_s"] > 0.4
+    assert twenty["mean_round_s"] > zero["mean_round_s"] + 0.3
+
+
+def test_zygote_launched_nodes_join_their_hosts_and_train_identically(tmp_path, no_leaks,
+                                                                       psl_run):
+    namespaces = {}
+
+    def check_ns(exp, rnd):
+        for name, p in exp.procs.items():
+            host = exp.network.host(name)
+            namespaces[name] = (os.readlink(f"/proc/{p.pid}/ns/net"),
+                                os.readlink(f"/proc/{host.pid}/ns/net"))
+
+    _, _, rounds = tiny_run(tmp_path, on_round=check_ns, launcher="zygote")
+    assert namespaces and all(node == host for node, host in namespaces.values()), namespaces
+    _, _, popen_rounds, *_ = psl_run
+    assert [r["train_loss"] for r in rounds] == [r["train_loss"] for r in popen_rounds]
+
+
+def test_fifty_forked_clients_train_one_psl_round_and_leave_nothing(tmp_path, no_leaks):
+    _, summary, rounds = tiny_run(tmp_path, {"clients": 50, "delay": "0ms"}, rounds=1,
+                                  iters_per_round=2, batch_size=8, launcher="zygote",
+                                  step_timeout_s=120)
+    (r,) = rounds
+    clients = [n for n in r["nodes"] if n.startswith("c")]
+    assert len(clients) == 50
+    assert all(r["nodes"][c]["tx_msgs"] == 2 for c in clients)
+    assert r["nodes"]["srv"]["rx_msgs"] == 100
