@@ -182,6 +182,31 @@ class LinkParams:
     def to_dict(self) -> dict[str, Any]:
         return {"up": self.up.to_dict(), "down": self.down.to_dict()}
 
+    def to_mininet(self) -> dict[str, Any]:
+        """The Mininet link kwargs `Topo.addLink` takes (the inverse of `from_mininet`): one key
+        where both directions agree, `_up` / `_down` keys where they differ, defaults left out
+        (so this is for declaring a link, not for `set_link`, which keeps what is left out).
+        A queue that is not a whole number of 1500-byte packets is rounded up to one."""
+        def kwargs(d: Direction) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if d.bw_mbit is not None:
+                out["bw"] = d.bw_mbit
+            if d.delay_ms:
+                out["delay"] = f"{d.delay_ms:.12g}ms"
+            if d.jitter_ms:
+                out["jitter"] = f"{d.jitter_ms:.12g}ms"
+            if d.loss:
+                out["loss"] = d.loss * 100
+            if d.queue_bytes is not None:
+                out["max_queue_size"] = -(-d.queue_bytes // MTU_BYTES)
+            return out
+
+        up, down = kwargs(self.up), kwargs(self.down)
+        out = {k: v for k, v in up.items() if down.get(k) == v}
+        out.update({f"{k}_up": v for k, v in up.items() if k not in out})
+        out.update({f"{k}_down": v for k, v in down.items() if k not in out})
+        return out
+
 
 def _sym(**kw: Any) -> LinkParams:
     return LinkParams(up=Direction(**kw), down=Direction(**kw))

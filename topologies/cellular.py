@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Cellular topology: cells of UEs sharing their cell's radio capacity, backhaul to an edge server.
+
+    ue1 --\\
+    ue2 ---- cell1 ==cell== bs1 --backhaul--\\
+    ue3 --/                                  agg1 ---- srv   (and fed, with fed=True)
+    ue4 ---- cell2 ==cell== bs2 --backhaul--/
+    ...
+
+A cell is a bridge (cell<i>) its UEs attach to with unshaped links, joined to its base station
+(bs<i>) by ONE shaped link with the cell's asymmetric capacity: the UEs of a cell share it as
+they share a real cell's uplink and downlink. Base stations reach the edge site's switch (agg1)
+over backhaul links; the edge server (role "server") sits on it. The whole network is one L2
+tree, so no routing is needed. The default, one cell of 3 UEs, is the schemes comparison
+topology.
+
+Link parameters are data: `links` maps a link class ("cell", "backhaul") to Mininet link keys
+overriding its preset (testbed.linkmodel.PRESETS), or to {"preset": name, ...}; a dict or a YAML
+file. `resources` maps a role to host parameters (e.g. {"client": {"cpu": 0.2, "mem_mb": 512}}).
+
+    sledge run topologies/cellular.py -p ues=5 -p "links={'cell': {'bw_up': 20}}"
+"""
+
+from pathlib import Path
+
+import yaml
+from mininet.topo import Topo
+
+from testbed.linkmodel import preset
+
+LINKS = {"cell": "cellular", "backhaul": "wireless-backhaul"}  # link class -> default preset
+
+
+def load(spec: dict | str | None) -> dict:
+    """A parameter mapping given inline or as a YAML file path."""
+    if isinstance(spec, str):
+        return yaml.safe_load(Path(spec).read_text()) or {}
+    return dict(spec or {})
+
+
+def link_kwargs(spec: dict | str | None, defaults: dict[str, str]) -> dict[str, dict]:
+    """Mininet link kwargs per link class: its default preset with the overrides `spec` gives."""
+    given = load(spec)
+    if unknown := sorted(set(given) - set(defaults)):
+        raise ValueError(f"links: unknown link class(es) {unknown}; valid: {sorted(defaults)}")
+    out = {}
+    for cls, name in defaults.items():
+        over = given.get(cls) or {}
+        over = {"preset": over} if isinstance(over, str) else dict(over)
+        out[cls] = preset(over.pop("preset", name), **over).to_mininet()
+    return out
+
+
+class CellularTopo(Topo):
+    def build(self, cells: int = 1, ues: int = 3, links: dict | str | None = None,
+              resources: dict | str | None = None, fed: bool = False) -> None:
+        kw, res = link_kwargs(links, LINKS), load(resources)
+
+        def host(name: str, role: str, **tags: object) -> str:
+            return self.addHost(name, role=role, **{**tags, **res.get(role, {})})
+
+        dpid = iter(range(1, 1 << 16))  # unique datapath ids for Open vSwitch
+        agg = self.addSwitch("agg1", dpid=f"{next(dpid):x}")
+        self.addLink(host("srv", "server", tier="edge"), agg)
+        if fed:
+            self.addLink(host("fed", "fedserver", tier="edge"), agg)
+        n = 0
+        for c in range(1, cells + 1):
+            cell = self.addSwitch(f"cell{c}", dpid=f"{next(dpid):x}")
+            bs = self.addSwitch(f"bs{c}", dpid=f"{next(dpid):x}")
+            self.addLink(cell, bs, **kw["cell"])  # node1 = the UE side: "up" is the uplink
+            self.addLink(bs, agg, **kw["backhaul"])
+            for _ in range(ues):
+                n += 1
+                self.addLink(host(f"ue{n}", "client", tier="user", cell=c), cell)
+
+
+TOPOS = {"cellular": CellularTopo}
+
+if __name__ == "__main__":
+    from testbed.cli import topology_main
+
+    topology_main(__file__)
