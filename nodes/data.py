@@ -211,6 +211,22 @@ def _read_digits(root: Path, split: str, image_size: int) -> tuple[np.ndarray, F
     return labels[keep], lambda i: images[i]
 
 
+def _read_synthetic32(root: Path, split: str, image_size: int) -> tuple[np.ndarray, Fetch]:
+    """Random 3x32x32 images with random labels (seeded): CIFAR-shaped load for benchmarks of
+    time and memory, where the content does not matter. Not for accuracy."""
+    n, seed = (5000, 1) if split == "train" else (1000, 2)
+    labels = np.random.default_rng(seed).integers(0, 10, n).astype(np.int64)
+
+    def fetch(i: np.ndarray) -> np.ndarray:
+        # Per-index seeds: the same sample whatever subset or order is asked for.
+        return np.stack([np.random.default_rng([seed, int(k)]).random((3, image_size, image_size),
+                                                                       dtype=np.float32)
+                         for k in i]) if len(i) else np.zeros((0, 3, image_size, image_size),
+                                                              np.float32)
+
+    return labels, fetch
+
+
 # ----------------------------------------------------------------------------- registry
 
 _IDX_LAYOUT = (
@@ -228,6 +244,10 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "digits": DatasetSpec(
         _read_digits, 1, 8, 10, (0.3053,), (0.3760,), None, "install scikit-learn", False,
+    ),
+    "synthetic32": DatasetSpec(
+        _read_synthetic32, 3, 32, 10, (0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887), None,
+        "generated, nothing to get", False,
     ),
     "cifar10": DatasetSpec(
         _read_cifar10, 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), None,

@@ -314,3 +314,13 @@ def test_loading_never_touches_the_network(tmp_path: Path, monkeypatch: pytest.M
     assert len(load_dataset("ham10000", root=str(tmp_path / "ham"))) > 0
     if (FASHION_ROOT / "t10k-images-idx3-ubyte.gz").is_file():
         assert len(load_dataset("fashion-mnist", "test", limit=10)) == 10
+
+
+def test_synthetic32_is_deterministic_per_sample_and_cifar_shaped():
+    a = load_dataset("synthetic32", "train", limit=6, seed=3)
+    b = load_dataset("synthetic32", "train")
+    assert a.x.shape == (6, 3, 32, 32) and a.num_classes == 10
+    # The same sample index yields the same image whatever subset was asked for.
+    idx = np.random.default_rng(3).permutation(len(b))[:6]
+    assert torch.equal(a.x, b.x[torch.as_tensor(idx)])
+    assert not torch.equal(b.x[0], b.x[1])
