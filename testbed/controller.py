@@ -244,7 +244,7 @@ class Controller:
         self.down: set[frozenset[str]] = set()
         self.pairs: list[tuple[str, str]] = []
         self.state: dict[str, Any] = {}
-        self.installed: dict[str, dict[str, dict[str, str]]] = {}  # host -> dst -> entry
+        self.installed: dict[str, dict[str, dict[str, Any]]] = {}  # host -> dst -> entry
         self._prepared: set[str] = set()
 
     def graph(self) -> nx.DiGraph:
@@ -265,14 +265,17 @@ class Controller:
         wanted = self.all_pairs() if pairs is None else [
             q for a, b in pairs for q in ((a, b), (b, a))]
         self.pairs = list(dict.fromkeys(wanted))
+        for name in self.hosts:
+            self._prepare(name)
         state = self.recompute()
         if state["unreachable"]:
             raise RouteError(f"no usable path for {state['unreachable']}")
         return state
 
     def recompute(self) -> dict[str, Any]:
-        """Recompute the routes of the installed pairs on the current graph and install the
-        difference; pairs left without a path lose their routes and are listed unreachable."""
+        """Recompute the routes of the installed pairs on the current graph and install them
+        (every entry replaced, stale ones deleted); pairs left without a path lose their routes
+        and are listed unreachable."""
         state = compute_routes(self.graph(), self.pairs, self.metric)
         tables = {h: {dst: self._entry(h, dst, nh, via) for dst, (nh, via) in t.items()}
                   for h, t in state["next_hops"].items()}
@@ -323,12 +326,16 @@ class Controller:
         if out.strip():
             raise RuntimeError(f"controller: in {host.name}: {' ; '.join(cmds)}: {out.strip()}")
 
-    def _print_routes(self) -> None:
-        self.echo(f"routes ({self.metric}):")
-        for pair, p in self.state["paths"].items():
+    def _print_routes(self, most: int = 24) -> None:
+        paths, lost = self.state["paths"], self.state["unreachable"]
+        self.echo(f"routes ({self.metric}): {len(paths)} paths, {len(lost)} unreachable"
+                  + (f", down: {self.state['down']}" if self.down else ""))
+        for pair, p in list(paths.items())[:most]:
             bw = "unlimited" if p["bw_mbit"] is None else f"{p['bw_mbit']:g} Mbit/s"
             self.echo(f"  {pair:<14} {' '.join(p['path'])}  ({bw}, {p['delay_ms']:g} ms)")
-        for pair in self.state["unreachable"]:
+        if len(paths) > most:
+            self.echo(f"  ... {len(paths) - most} more in the returned dict")
+        for pair in lost:
             self.echo(f"  {pair:<14} UNREACHABLE")
 
     # -- changes to the network ------------------------------------------------------------------

@@ -44,11 +44,14 @@ def reachable(net, src, dst, count=5):
     ("hierarchical.py", {}),
     ("hierarchical.py", {"edges": 2, "users": 2}),
 ])
-def test_l2_topology_clients_reach_the_server_without_routing(build, script, params):
+def test_l2_topology_clients_reach_the_server_without_routing_and_with_it(build, script,
+                                                                          params):
     net = build(script, **params)
     [server] = net.hosts_by_role("server")
     clients = net.hosts_by_role("client")
     assert clients
+    assert all(reachable(net, c, server) for c in clients), clients
+    Controller(net, echo=None).install()  # harmless where no host forwards
     assert all(reachable(net, c, server) for c in clients), clients
 
 
