@@ -14,9 +14,7 @@ linked hosts reach each other. By default the clients (c<j>, role "client") atta
 to the `clients` westernmost edge servers and the easternmost one is the server; `attach` (edge
 server names) and `server` choose otherwise. Each edge server is tagged with its position
 (`pos`), e.g. for mobility. `links` ("mesh", "access") and `resources` are data as in
-topologies/cellular.py.
-
-    sledge run topologies/mesh.py -p layout=geometric -p n=8 -p seed=3 ...   (after routing)
+topologies/cellular.py. Routing and addressing: docs/topologies.md.
 """
 
 from pathlib import Path
