@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -54,7 +55,15 @@ def warm_up() -> None:
 
     torch.set_num_threads(1)  # before any op: an OpenMP pool does not survive fork
     import nodes.runtime  # noqa: F401  (protocol, schemes, data, models)
+    from nodes.data import DATASETS, load_dataset
     from nodes.models import build_model
+
+    # Data-set readers import their libraries lazily (scikit-learn for digits: ~100 MB);
+    # import them here, once, instead of in every child.
+    for name, spec in DATASETS.items():
+        if not spec.needs_root:
+            with contextlib.suppress(Exception):
+                load_dataset(name, "test", limit=1)
 
     for kw in ({"name": "smallcnn", "in_channels": 1, "image_size": 8},
                {"name": "smallcnn", "in_channels": 1, "image_size": 28}):
@@ -62,6 +71,10 @@ def warm_up() -> None:
         x = torch.randn(2, kw["in_channels"], kw["image_size"], kw["image_size"])
         m(x).sum().backward()
         torch.optim.SGD(m.parameters(), lr=0.1).step()
+    # Move every object made so far out of the collector's reach: a GC pass in a child would
+    # otherwise write to (and so copy) every page of the inherited heap.
+    gc.collect()
+    gc.freeze()
 
 
 def _child(req: dict[str, Any]) -> int:
