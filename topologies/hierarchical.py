@@ -24,35 +24,14 @@ edge and server="edge" the edge is "server" and the cloud "cloud". `tier` is alw
 cloud. `links` and `resources` are data as in topologies/cellular.py.
 """
 
-from pathlib import Path
 
-import yaml
 from mininet.topo import Topo
 
-from testbed.linkmodel import LinkParams, preset
+from testbed.linkmodel import LinkParams
+from testbed.topolib import link_kwargs, load
 
 LINKS = {"access": "cellular", "edge_cloud": "wired-backhaul"}  # link class -> default preset
 USER_GCYCLES = (0.1, 0.2, 0.3, 0.4, 0.5)  # seed Fig. 4/6 clients, U[0.1, 0.5] made deterministic
-
-
-def load(spec: dict | str | None) -> dict:
-    """A parameter mapping given inline or as a YAML file path."""
-    if isinstance(spec, str):
-        return yaml.safe_load(Path(spec).read_text()) or {}
-    return dict(spec or {})
-
-
-def link_kwargs(spec: dict | str | None, defaults: dict[str, str]) -> dict[str, dict]:
-    """Mininet link kwargs per link class: its default preset with the overrides `spec` gives."""
-    given = load(spec)
-    if unknown := sorted(set(given) - set(defaults)):
-        raise ValueError(f"links: unknown link class(es) {unknown}; valid: {sorted(defaults)}")
-    out = {}
-    for cls, name in defaults.items():
-        over = given.get(cls) or {}
-        over = {"preset": over} if isinstance(over, str) else dict(over)
-        out[cls] = preset(over.pop("preset", name), **over).to_mininet()
-    return out
 
 
 def edge_cloud_kwargs(kw: dict, users: int, ratio: float, mode: str) -> dict:

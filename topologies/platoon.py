@@ -14,34 +14,12 @@ routers; the controller (testbed.controller) installs the routes. The edge serve
 topologies/cellular.py.
 """
 
-from pathlib import Path
 
-import yaml
 from mininet.topo import Topo
 
-from testbed.linkmodel import preset
+from testbed.topolib import link_kwargs, load
 
 LINKS = {"v2v": "v2v", "cell": "cellular"}  # link class -> default preset
-
-
-def load(spec: dict | str | None) -> dict:
-    """A parameter mapping given inline or as a YAML file path."""
-    if isinstance(spec, str):
-        return yaml.safe_load(Path(spec).read_text()) or {}
-    return dict(spec or {})
-
-
-def link_kwargs(spec: dict | str | None, defaults: dict[str, str]) -> dict[str, dict]:
-    """Mininet link kwargs per link class: its default preset with the overrides `spec` gives."""
-    given = load(spec)
-    if unknown := sorted(set(given) - set(defaults)):
-        raise ValueError(f"links: unknown link class(es) {unknown}; valid: {sorted(defaults)}")
-    out = {}
-    for cls, name in defaults.items():
-        over = given.get(cls) or {}
-        over = {"preset": over} if isinstance(over, str) else dict(over)
-        out[cls] = preset(over.pop("preset", name), **over).to_mininet()
-    return out
 
 
 class PlatoonTopo(Topo):
