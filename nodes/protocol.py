@@ -13,20 +13,24 @@ Patterns, named as in the zguide:
 A message is a multipart ZeroMQ message: frame 0 is a msgpack header, then one raw frame per
 tensor, sent and received zero-copy. Everything from a peer is untrusted and bounded: decode
 validates every header field and frame length and raises ProtocolError; an Endpoint drops such
-messages, counts them and keeps serving.
+messages, counts them and keeps serving. Processes that move messages above ~32 MiB should call
+``reuse_receive_memory()`` once at startup (see docs/transport.md for the measurements).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import math
+import platform
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 import zmq
 
@@ -52,6 +56,18 @@ MAX_META_KEYS = 256
 MAX_META_DEPTH = 3
 _INT_LIMIT = 2**63
 _HEADER_KEYS = frozenset({"v", "type", "run", "round", "step", "sender", "seq", "tensors", "meta"})
+# numpy has no bfloat16; a same-width integer view carries the same bytes.
+_NUMPY_VIEW: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
+# Plain ints: pyzmq's IntFlag arithmetic costs about a microsecond per frame on the hot path.
+_SNDMORE, _NOBLOCK, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.POLLIN)
+_BYTES_KEY = {"tx": "tx_bytes", "rx": "rx_bytes"}
+_MSGS_KEY = {"tx": "tx_msgs", "rx": "rx_msgs"}
+
+# Received tensors alias read-only zmq frames by design. torch warns about that once per process;
+# spend that warning here, silenced, rather than wrap every decode in warnings.catch_warnings().
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
 
 class ProtocolError(ValueError):
@@ -174,9 +190,13 @@ def _parse_header(raw: Any) -> dict[str, Any]:
 
 
 def _tensor_buffer(t: torch.Tensor) -> Any:
-    # Viewing every dtype as flat bytes gives one path for all (numpy has no bfloat16); no copy
-    # unless the tensor is not contiguous or not on the CPU.
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    # A flat uint8 numpy view of the tensor's memory, whatever its dtype; no copy unless the
+    # tensor is not contiguous or not on the CPU. numpy views cost a fraction of torch views.
+    t = t.detach()
+    if not (t.is_cpu and t.is_contiguous()):
+        t = t.cpu().contiguous()
+    view = _NUMPY_VIEW.get(t.dtype)
+    return (t if view is None else t.view(view)).numpy().reshape(-1).view(np.uint8)
 
 
 def encode(msg: Message) -> list[Any]:
@@ -213,10 +233,7 @@ def _frame_view(frame: Any) -> memoryview:
 def _rebuild(mv: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if mv.nbytes == 0:  # frombuffer rejects empty buffers
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # Read-only on purpose; torch would warn once per process about non-writable buffers.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        t = torch.frombuffer(mv, dtype=dtype)
+    t = torch.frombuffer(mv, dtype=dtype)  # read-only on purpose (see the module's import)
     if t.data_ptr() % dtype.itemsize:
         # libzmq packs small messages into one receive buffer at arbitrary offsets; copy those
         # (they are small) rather than hand kernels a misaligned pointer.
@@ -250,6 +267,30 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
     return Message(type=hdr["type"], run=hdr["run"], round=hdr["round"], step=hdr["step"],
                    sender=hdr["sender"], seq=hdr["seq"], tensors=tensors, meta=hdr["meta"],
                    nbytes=total)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc <malloc.h>
+
+
+def reuse_receive_memory(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bool:
+    """Opt in, per process: received frames reuse freed heap memory, not fresh pages.
+
+    libzmq mallocs every received frame in its I/O thread. glibc serves large blocks from fresh
+    mmaps (above a threshold that adapts up to 32 MiB) and gives freed memory back to the kernel,
+    so each large message pays a page fault and zeroing per 4 KiB and an munmap: at 64 MiB that
+    halves throughput. This keeps blocks up to a message in one reused heap: mmap and trim
+    thresholds above ``max_message_bytes``, and a single malloc arena (a thread arena's heap
+    stops at 64 MiB, beyond which glibc mmaps regardless). Cost: the process keeps its peak
+    message memory, and all threads share one malloc lock. Call it before the process creates
+    its first zmq socket (the I/O thread picks its arena on its first allocation). Returns
+    False where the C library is not glibc (nothing changed) or glibc refused a setting.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    limit = max_message_bytes + MAX_HEADER_BYTES + (1 << 20)  # + slack for malloc bookkeeping
+    return all([mallopt(_M_MMAP_THRESHOLD, min(limit, 2**31 - 1)),
+                mallopt(_M_TRIM_THRESHOLD, min(2 * limit, 2**31 - 1)), mallopt(_M_ARENA_MAX, 1)])
 
 
 class Endpoint:
@@ -293,6 +334,7 @@ class Endpoint:
             sock.setsockopt(zmq.ROUTING_ID, name.encode())
             sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections, never blindly
         self._sock = sock
+        self._pollitems = [(sock, _POLLIN)]
 
     def bind(self, addr: str) -> None:
         self._sock.bind(addr)
@@ -307,10 +349,14 @@ class Endpoint:
         return self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _count(self, type_: str, direction: str, nbytes: int) -> None:
-        row = self.by_type.setdefault(
-            type_, {"tx_bytes": 0, "rx_bytes": 0, "tx_msgs": 0, "rx_msgs": 0})
-        row[f"{direction}_bytes"] += nbytes
-        row[f"{direction}_msgs"] += 1
+        row = self.by_type.get(type_)
+        if row is None:
+            row = self.by_type[type_] = {"tx_bytes": 0, "rx_bytes": 0, "tx_msgs": 0, "rx_msgs": 0}
+        row[_BYTES_KEY[direction]] += nbytes
+        row[_MSGS_KEY[direction]] += 1
+
+    def _peer(self, to: str | None) -> str:
+        return to if to is not None else ", ".join(self._connected) or "(not connected)"
 
     def send(self, type: str, *, to: str | None = None, round: int = 0, step: int = 0,
              tensors: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> int:
@@ -324,18 +370,21 @@ class Endpoint:
         if msg.nbytes > self.max_message_bytes:  # the peer would drop it; fail loudly here instead
             raise ProtocolError("too_large",
                                 f"message: {msg.nbytes} > {self.max_message_bytes} bytes")
-        peer = to if to is not None else ", ".join(self._connected) or "(not connected)"
         if to is not None:
             frames.insert(0, to.encode())
         try:
-            self._sock.send_multipart(frames, copy=False)
+            # What send_multipart does, minus its per-call type checks (encode built every frame)
+            # and IntFlag arithmetic; libzmq still delivers the parts all or none.
+            send, last = self._sock.send, len(frames) - 1
+            for i, frame in enumerate(frames):
+                send(frame, _SNDMORE if i < last else 0, copy=False)
         except zmq.Again:
-            raise TimeoutError(f"endpoint {self.name!r}: send {type} to {peer!r} timed out after "
-                               f"{self.send_timeout_s}s (peer absent or slow)") from None
+            raise TimeoutError(f"endpoint {self.name!r}: send {type} to {self._peer(to)!r} timed "
+                               f"out after {self.send_timeout_s}s (peer absent or slow)") from None
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise ConnectionError(f"endpoint {self.name!r}: unknown peer {peer!r} (not "
-                                      f"connected, or has not sent anything yet)") from None
+                raise ConnectionError(f"endpoint {self.name!r}: unknown peer {self._peer(to)!r} "
+                                      f"(not connected, or has not sent anything yet)") from None
             raise
         self._seq += 1
         self.bytes_sent += msg.nbytes
@@ -346,7 +395,11 @@ class Endpoint:
 
     def poll(self, timeout_s: float) -> bool:
         """True if a message is waiting (not yet validated: ``recv`` may still drop it)."""
-        return bool(self._sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN))
+        return self._wait(max(0, int(timeout_s * 1000)))
+
+    def _wait(self, timeout_ms: int) -> bool:
+        # zmq_poll on a prebuilt item list: Socket.poll builds a Poller per call.
+        return bool(zmq.zmq_poll(self._pollitems, timeout_ms))
 
     def _reject(self, reason: str, peer: str, detail: str) -> None:
         self.rejected[reason] += 1
@@ -385,12 +438,15 @@ class Endpoint:
         while True:
             wait_ms = -1 if deadline is None else max(0, math.ceil(
                 (deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(wait_ms, zmq.POLLIN):
+            if not self._wait(wait_ms):
                 raise TimeoutError(f"endpoint {self.name!r}: no valid message within {timeout_s}s")
+            recv = self._sock.recv
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = [recv(_NOBLOCK, copy=False)]
             except zmq.Again:
                 continue
+            while frames[-1].more:  # a multipart message arrives whole: the rest is already here
+                frames.append(recv(_NOBLOCK, copy=False))
             got = self._accept(frames)
             if got is not None:
                 return got

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +18,7 @@ import zmq
 
 from nodes.protocol import (
     MAX_HEADER_BYTES,
+    MAX_TENSORS,
     PROTOCOL_VERSION,
     Endpoint,
     Message,
@@ -67,11 +71,14 @@ def test_round_trip_keeps_dtypes_shapes_values_and_meta() -> None:
     assert msg.nbytes == out.nbytes == header_len + payload
 
 
-def test_tensors_are_not_copied_on_encode_or_decode() -> None:
-    t = torch.randn(256, 256)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int64])
+def test_tensors_are_not_copied_on_encode_or_decode(dtype: torch.dtype) -> None:
+    t = torch.ones(64, 32, 4, dtype=dtype)
     frames = encode(Message("ACT", tensors={"x": t}))
     assert np.asarray(frames[1]).ctypes.data == t.data_ptr()  # the frame is a view of t
-    assert decode(frames).tensors["x"].data_ptr() == t.data_ptr()
+    assert memoryview(frames[1]).format == "B" and memoryview(frames[1]).ndim == 1  # flat bytes
+    got = decode(frames).tensors["x"]
+    assert got.data_ptr() == t.data_ptr() and got.dtype == dtype and torch.equal(got, t)
 
 
 def test_received_tensor_aliases_the_zmq_frame_buffer() -> None:
@@ -349,3 +356,62 @@ def test_close_right_after_large_send_still_delivers(net: Net) -> None:
     client.close()
     _, msg = server.recv(10.0)
     assert msg.type == "W_UP" and torch.equal(msg.tensors["w"], big)
+
+
+def test_message_with_the_most_tensors_allowed_arrives_whole(net: Net) -> None:
+    server, client = net.pair()
+    tensors = {f"t{i}": torch.full((i % 7,), float(i)) for i in range(MAX_TENSORS)}
+    client.send("W_UP", tensors=tensors)
+    got = server.recv(5.0)[1].tensors
+    assert list(got) == list(tensors)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def _python(code: str, *args: str) -> str:
+    """Run code in a fresh interpreter (process-wide settings stay out of this one)."""
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code, *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_read_only_received_tensors_warn_nothing_even_when_warnings_are_errors() -> None:
+    _python("""
+import torch, zmq
+from nodes.protocol import Message, decode, encode
+frames = [zmq.Frame(bytes(f)) for f in encode(Message("ACT", tensors={"x": torch.ones(8)}))]
+for _ in range(2):
+    assert torch.equal(decode(frames).tensors["x"], torch.ones(8))
+""")
+
+
+FAULTS_PER_PAGE = """
+import resource, sys
+import torch, zmq
+from nodes import protocol as P
+if sys.argv[1] == "reuse":
+    assert P.reuse_receive_memory()
+ctx = zmq.Context()
+server = P.Endpoint(ctx, "router", "server")
+server.bind("tcp://127.0.0.1:*")
+client = P.Endpoint(ctx, "dealer", "client")
+client.connect(server.last_endpoint)
+x = torch.ones(12 * 1024 * 1024)  # 48 MiB: above glibc's largest adaptive mmap threshold
+def one():
+    client.send("ACT", tensors={"x": x})
+    assert torch.equal(server.recv(30)[1].tensors["x"], x)
+one(), one()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    one()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4 / (x.nbytes / 4096))
+client.close(), server.close()
+ctx.term()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_receive_memory_stops_fresh_pages_for_every_large_message() -> None:
+    default, reused = (float(_python(FAULTS_PER_PAGE, mode)) for mode in ("default", "reuse"))
+    assert default > 0.5  # by default each 48 MiB frame lands in freshly faulted pages ...
+    assert reused < 0.05  # ... after the opt-in, in memory freed by the previous one
