@@ -4,6 +4,12 @@ The runtime (nodes.runtime) builds a NodeContext from the node's config; schemes
 It owns the per-round bookkeeping a scheme should not repeat: compute timing, the loss it
 reports, scheme counters, the data-plane byte counters and the names of received tensors, the
 mini-batch stream, in-order message delivery per peer, and the checkpoint file.
+
+Compute is also counted in FLOPs (algorithms.md 11.1): hooks on every unit of the segments the
+node holds add 2 x MACs per sample for each forward and beta times that when the backward
+passes through the unit. With a ComputeModel (a device of `cycles_per_s`, `flops_per_cycle`),
+every compute block lasts at least FLOPs / (eta * f): the node sleeps the difference (11.8),
+and reports the measured and the modelled time beside the time the block took.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +31,38 @@ from nodes.protocol import Endpoint, Message
 
 class UnexpectedMessage(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """A device computing `flops_per_cycle` FLOPs per cycle at `cycles_per_s` (11.1-11.2)."""
+
+    cycles_per_s: float
+    flops_per_cycle: float = 1.0
+
+    def seconds(self, flops: float) -> float:
+        return flops / (self.flops_per_cycle * self.cycles_per_s)
+
+
+def count_flops(ctx: NodeContext, units: Iterable[tuple[nn.Module, int]],
+                backward_factor: float) -> None:
+    """Count into ctx.flops the work of each (unit, forward MACs per sample): its forward as
+    it runs, its backward when autograd reaches its output. Hooks survive deepcopy (server
+    copies share the counter)."""
+
+    def hook(macs: int) -> Callable[..., None]:
+        def forward(_m: nn.Module, _args: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                return
+            flops = 2.0 * macs * out.shape[0]
+            ctx.flops += flops
+            if out.requires_grad:
+                out.register_hook(lambda g: ctx._add_flops(backward_factor * flops))
+        return forward
+
+    for unit, macs in units:
+        if macs:
+            unit.register_forward_hook(hook(macs))
 
 
 @dataclass
@@ -45,8 +83,12 @@ class NodeContext:
     shard_sizes: dict[str, int] = field(default_factory=dict)  # client -> training samples
     step_timeout_s: float = 300.0
     ckpt_path: str | None = None
+    compute_model: ComputeModel | None = None  # None: compute as fast as this CPU does
     # per-round metrics, reset by the runtime
-    compute_s: float = 0.0
+    compute_s: float = 0.0          # time in compute blocks, padding included
+    compute_measured_s: float = 0.0  # the computation itself
+    compute_modelled_s: float = 0.0  # FLOPs / (eta * f) of the blocks
+    flops: float = 0.0
     cpu_s: float = 0.0
     loss_sum: float = 0.0
     loss_n: int = 0
@@ -58,6 +100,7 @@ class NodeContext:
     _cursor: int = 0
     _order: torch.Tensor | None = None
     _gen: torch.Generator | None = None
+    _depth: int = 0
 
     @property
     def clients(self) -> list[str]:
@@ -89,15 +132,35 @@ class NodeContext:
         """Add to this round's scheme counters (reported with the round)."""
         self.counters.update(amounts)
 
+    def _add_flops(self, flops: float) -> None:
+        self.flops += flops
+
     @contextmanager
     def compute(self) -> Iterator[None]:
-        """Time a block of local computation (wall and this thread's CPU)."""
-        w, c = time.perf_counter(), time.thread_time()
+        """Time a block of local computation (wall and this thread's CPU); with a compute
+        model, pad it to its modelled duration. A nested block is part of the outer one."""
+        if self._depth:
+            yield
+            return
+        self._depth += 1
+        w, c, f = time.perf_counter(), time.thread_time(), self.flops
+        done = False
         try:
             yield
+            done = True
         finally:
-            self.compute_s += time.perf_counter() - w
+            self._depth -= 1
+            measured = time.perf_counter() - w
+            self.compute_measured_s += measured
             self.cpu_s += time.thread_time() - c
+            spent = measured
+            if self.compute_model is not None:
+                modelled = self.compute_model.seconds(self.flops - f)
+                self.compute_modelled_s += modelled
+                if done and modelled > measured:
+                    time.sleep(modelled - measured)
+                    spent = time.perf_counter() - w
+            self.compute_s += spent
 
     def record_loss(self, loss: float, n: int) -> None:
         self.loss_sum += float(loss) * n
@@ -172,13 +235,19 @@ class NodeContext:
         return {**tot, "by_type": dict(by_type), "rejected": dict(rejected)}
 
     def round_report(self) -> dict[str, Any]:
-        return {"compute_s": self.compute_s, "cpu_s": self.cpu_s, "loss_sum": self.loss_sum,
+        modelled = {} if self.compute_model is None else {
+            "compute_modelled_s": self.compute_modelled_s,
+            "cycles_per_s": self.compute_model.cycles_per_s}
+        return {"compute_s": self.compute_s, "compute_measured_s": self.compute_measured_s,
+                **modelled, "flops": self.flops,
+                "cpu_s": self.cpu_s, "loss_sum": self.loss_sum,
                 "loss_n": self.loss_n, "samples": self.samples, **self.extra,
                 "counters": dict(self.counters), "rx_tensors": sorted(self.rx_tensors),
                 "proto": self.proto_stats()}
 
     def reset_round(self) -> None:
-        self.compute_s = self.cpu_s = self.loss_sum = 0.0
+        self.compute_s = self.cpu_s = self.loss_sum = self.flops = 0.0
+        self.compute_measured_s = self.compute_modelled_s = 0.0
         self.loss_n = self.samples = 0
         self.extra = {}
         self.counters = Counter()

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import zmq
 
-from nodes.context import NodeContext
+from nodes.context import ComputeModel, NodeContext, count_flops
 from nodes.data import load_dataset
-from nodes.models import build_model, split_model
+from nodes.models import build_model, split_model, unit_stats
 from nodes.protocol import Endpoint
 from nodes.schemes import get_scheme
 
@@ -70,14 +70,24 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
     for peer, addr in config.get("peers", {}).items():
         peers[peer] = Endpoint(zctx, "dealer", name, **kw)
         peers[peer].connect(addr)
-    return NodeContext(
+    compute = config.get("compute") or {}
+    ctx = NodeContext(
         name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
         roles={r: list(h) for r, h in config["roles"].items()}, router=router,
         peers=peers, data=data, batch_size=config.get("batch_size", 32),
         seed=config.get("seed", 0) * 1000 + config.get("index", 0),
         run_seed=config.get("seed", 0), num_segments=len(segments),
         shard_sizes=dict(config.get("shards", {})),
-        step_timeout_s=config.get("step_timeout_s", 300.0), ckpt_path=config.get("checkpoint"))
+        step_timeout_s=config.get("step_timeout_s", 300.0), ckpt_path=config.get("checkpoint"),
+        compute_model=ComputeModel(float(compute["cycles_per_s"]),
+                                   float(compute.get("flops_per_cycle", 1.0)))
+        if compute.get("cycles_per_s") else None)
+    m = config["model"]
+    macs = {u.name: u.macs for u in unit_stats(
+        model, (m.get("in_channels", 1), m.get("image_size", 28), m.get("image_size", 28)))}
+    count_flops(ctx, [(unit, macs[n]) for s in held.values() for n, unit in s.named_children()],
+                float(compute.get("backward_flops_factor", 2.0)))
+    return ctx
 
 
 def open_data_plane(ctx: NodeContext, accept: list[str], timeout_s: float) -> None:

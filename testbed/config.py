@@ -42,6 +42,13 @@ class RunConfig:
     launcher: str = "popen"       # "popen": an interpreter per node; "zygote": forked, warm
     link_backend: str = "auto"    # "auto": netem where the kernel has it, else "relay"
     linkcheck: bool = False       # measure every path before training, store linkcheck.json
+    # Device heterogeneity. Keys are host names or roles (a host's own entry wins); they override
+    # what the topology declares on its hosts (addHost(..., cpu=, mem_mb=, cycles=)).
+    cpu: dict[str, float] = field(default_factory=dict)     # fraction of the whole machine
+    mem_mb: dict[str, int] = field(default_factory=dict)    # memory limit, MiB
+    cycles: dict[str, float] = field(default_factory=dict)  # modelled compute speed, cycles/s
+    flops_per_cycle: float = 1.0        # eta (algorithms.md 11.2)
+    backward_flops_factor: float = 2.0  # beta: backward FLOPs per forward FLOP (11.1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -88,5 +95,16 @@ class RunConfig:
         for f in ("step_timeout_s", "start_timeout_s", "round_timeout_s"):
             need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
                  "expected a number of seconds > 0")
+        for f, ok, what in (("cpu", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+                            ("mem_mb", lambda v: isinstance(v, int) and v > 0,
+                             "a whole number of MiB > 0"),
+                            ("cycles", lambda v: v > 0, "cycles/s > 0")):
+            m = getattr(self, f)
+            need(isinstance(m, dict) and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and ok(v) for k, v in m.items()), f, f"expected a mapping host or role -> {what}")
+        for f in ("flops_per_cycle", "backward_flops_factor"):
+            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
+                 "expected a number > 0")
         need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
              "name", "expected letters, digits, '-' or '_'")

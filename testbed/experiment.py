@@ -53,6 +53,23 @@ def _delta(now: dict, before: dict) -> dict:
     return out
 
 
+def per_host(topo: Topo, key: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """host -> value of host parameter `key`: what the topology declares, overridden by a
+    run-level entry for the host's role, overridden by one for the host itself."""
+    hosts = {h: topo.nodeInfo(h) for h in topo.hosts()}
+    roles = {i.get("role") for i in hosts.values()}
+    unknown = sorted(set(overrides) - set(hosts) - roles)
+    if unknown:
+        raise RunFailed(f"config field {key!r}: {unknown} is neither a host nor a role of the "
+                        f"topology (hosts {sorted(hosts)}, roles {sorted(r for r in roles if r)})")
+    out = {}
+    for h, info in hosts.items():
+        v = overrides.get(h, overrides.get(info.get("role"), info.get(key)))
+        if v is not None:
+            out[h] = v
+    return out
+
+
 class Experiment:
     def __init__(self, cfg: RunConfig, topo: Topo, *, topology: str = "",
                  on_round: Callable[[Experiment, int], None] | None = None,
@@ -81,6 +98,12 @@ class Experiment:
         self._ctl_dir: str | None = None
         self.launcher: Launcher | None = None
         self._startup_proto: dict[str, dict] = {}
+        # Device heterogeneity, host -> value (testbed.network.LimitedHost; nodes.context).
+        self.limits: dict[str, dict[str, Any]] = {}
+        for key in ("cpu", "mem_mb"):
+            for h, v in per_host(topo, key, getattr(cfg, key)).items():
+                self.limits.setdefault(h, {})[key] = v
+        self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _node_configs(self) -> dict[str, Any]:
@@ -114,6 +137,8 @@ class Experiment:
                 "batch_size": cfg.batch_size, "control": control,
                 "step_timeout_s": cfg.step_timeout_s, "start_timeout_s": cfg.start_timeout_s,
                 "threads": 1}
+        compute = {"flops_per_cycle": cfg.flops_per_cycle,
+                   "backward_flops_factor": cfg.backward_flops_factor}
         configs: dict[str, dict] = {}
         for role, hosts in roles.items():
             for name in hosts:
@@ -121,7 +146,8 @@ class Experiment:
                     raise RunFailed(f"host {name} has two roles in scheme {cfg.scheme!r}")
                 configs[name] = {**base, "name": name, "role": role,
                                  "segments": self.placement.get(name, []), "peers": {},
-                                 "accept": [],
+                                 "accept": [], "compute": {
+                                     **compute, "cycles_per_s": self.cycles.get(name)},
                                  "checkpoint": self.run_dir.file("ckpt", f"{name}.pt")}
         for i, c in enumerate(clients):
             configs[c]["index"] = i
@@ -150,6 +176,7 @@ class Experiment:
             "network": net.kind, "hosts": net.describe_hosts(),
             "links": net.link_params(), "not_applied": net.not_applied,
             "placement": self.placement, "iters_per_round": self.iters, "model": self.model_kwargs,
+            "limits": self.limits, "cycles": self.cycles,
             "shards": self.shard_info,
             "connections": {n: {"listen": c.get("listen"), "peers": c["peers"]}
                             for n, c in self.node_configs.items()},
@@ -159,9 +186,15 @@ class Experiment:
     def _fail_if_dead(self) -> None:
         for p in self.procs.values():
             rc = p.returncode()
-            if rc is not None:
-                raise RunFailed(f"node {p.name} exited with code {rc}; last log lines "
-                                f"({p.log_path}):\n{p.log_tail()}")
+            if rc is None:
+                continue
+            if self.network.oom_kills(p.name):
+                mem = self.limits.get(p.name, {}).get("mem_mb")
+                raise RunFailed(f"node {p.name} was killed by the kernel's OOM killer: it "
+                                f"exceeded host {p.name}'s memory limit of {mem} MiB (mem_mb; "
+                                f"exit code {rc}); log: {p.log_path}")
+            raise RunFailed(f"node {p.name} exited with code {rc}; last log lines "
+                            f"({p.log_path}):\n{p.log_tail()}")
 
     def _collect(self, mtype: str, rnd: int, timeout_s: float, what: str) -> dict[str, Any]:
         """Wait for one `mtype` message from every node, watching for errors and deaths."""
@@ -200,9 +233,12 @@ class Experiment:
             if self.loopback:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1")
                 self.network = LoopbackNetwork(self.topo, self.caps)
+                if self.limits:
+                    console.print(f"[yellow]loopback network: cpu and mem_mb are NOT applied "
+                                  f"({self.limits})")
             else:
                 self.network = build_network(self.topo, self.caps,
-                                             link_backend=cfg.link_backend)
+                                             link_backend=cfg.link_backend, limits=self.limits)
                 if cfg.linkcheck:
                     self._linkcheck()
             for item in self.network.not_applied:

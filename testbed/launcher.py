@@ -1,8 +1,10 @@
 """Node processes: start one per Mininet host, watch them, and make sure they end.
 
 Two launchers, one interface (start, close) and one handle type per started node:
-- `PopenLauncher`: a fresh interpreter per node via `host.popen` (mnexec: the host's network
-  namespace and CPU cgroup; mnexec -d makes the node lead its own process group).
+- `PopenLauncher`: a fresh interpreter per node via `host.popen` (mnexec: the host's
+  namespaces; mnexec -d makes the node lead its own process group). A shell first joins all
+  the host's cgroups (mnexec -g joins cpu, cpuacct and cpuset, not memory), then execs mnexec,
+  so every byte the interpreter allocates is charged to the host.
 - `ZygoteLauncher`: testbed.zygote, a warm process that forks each node into its host's
   namespace and cgroups: ~10x less memory per node and no per-node torch import.
 Teardown signals only the process groups this launcher started - never anything by name.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,7 +23,9 @@ import tempfile
 import time
 from typing import Any
 
-CGROUP_ROOT = "/sys/fs/cgroup"
+from testbed.network import CGROUP_ROOT, usable_cgroups
+
+CGROUP_JOIN_FAILED = 125  # exit code of a node that could not join its host's cgroups
 
 
 class NodeProcess:
@@ -95,18 +100,37 @@ class PopenLauncher(Launcher):
 
     def start(self, host: Any, config_path: str, log_path: str) -> NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        kw: dict[str, Any] = {}
+        if cgroups := host_cgroups(host):
+            # Joined before mnexec enters the host: its mount namespace has a fresh /sys
+            # without the cgroup mounts (mnexec -g also joins before attaching).
+            kw["mncmd"] = joining(cgroups, ["mnexec", "-da", str(host.pid)])
         with open(log_path, "ab") as log:
             p = host.popen([sys.executable, "-m", "nodes", "--config", config_path],
                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                           env=env)
+                           env=env, **kw)
         return PopenNode(host.name, p, log_path)
 
 
+def joining(cgroups: list[str], cmd: list[str]) -> list[str]:
+    """`cmd`, run by a shell that first moves itself (same pid after exec) into `cgroups`."""
+    if not cgroups:
+        return cmd
+    dirs = " ".join(shlex.quote(d) for d in cgroups)
+    script = (f'for d in {dirs}; do echo $$ > "$d/cgroup.procs" || exit {CGROUP_JOIN_FAILED}; '
+              'done; exec "$@"')
+    return ["sh", "-c", script, "sh", *cmd]
+
+
 def host_cgroups(host: Any) -> list[str]:
-    """The cgroup v1 directories Mininet (CPULimitedHost) or we made for this host."""
-    dirs = [os.path.join(CGROUP_ROOT, c, host.name)
-            for c in ("cpu,cpuacct", "cpuset", "memory")]
-    return [d for d in dirs if os.path.isdir(d)]
+    """The cgroup v1 directories a node must join to be limited like its host: the host's own
+    list (testbed.network.LimitedHost), else those Mininet's CPULimitedHost names after it."""
+    if hasattr(host, "cgroup_dirs"):
+        return host.cgroup_dirs()
+    if not hasattr(host, "cgroup"):  # a plain host: no cgroup, whatever exists by its name
+        return []
+    return usable_cgroups([os.path.join(CGROUP_ROOT, c, host.name)
+                           for c in ("cpu", "cpuacct", "cpu,cpuacct", "cpuset")])
 
 
 class ForkedNode(NodeProcess):
