@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +56,17 @@ def expected_path(declared: list[tuple[str, str, Any]], a: str, b: str,
 
 
 def ping(host: Any, ip: str, count: int, interval: float = 0.01) -> dict[str, float]:
-    out = host.cmd(f"ping -n -q -c {count} -i {interval} -W 2 {ip}")
+    """RTT as the median of the replies (robust to a probe delayed by a busy core; the
+    mean is kept too) and loss, from `count` pings."""
+    out = host.cmd(f"ping -n -c {count} -i {interval} -W 2 {ip}")
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     if not m:
-        raise RuntimeError(f"ping from {host.name} to {ip}: unreadable output {out!r}")
+        raise RuntimeError(f"ping from {host.name} to {ip}: unreadable output {out[-500:]!r}")
     sent, recv = int(m.group(1)), int(m.group(2))
-    rtt = re.search(r"= [\d.]+/([\d.]+)/", out)
-    return {"sent": sent, "lost": sent - recv, "rtt_ms": float(rtt.group(1)) if rtt else math.nan}
+    rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+    return {"sent": sent, "lost": sent - recv,
+            "rtt_ms": statistics.median(rtts) if rtts else math.nan,
+            "rtt_mean_ms": statistics.fmean(rtts) if rtts else math.nan}
 
 
 def iperf(client: Any, server: Any, seconds: float, port: int = 5201) -> float:

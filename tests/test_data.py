@@ -153,12 +153,14 @@ def test_bad_name_split_or_limit_raise_value_error_listing_choices():
 
 
 def test_dataset_info_matches_loaded_shapes_without_loading(tmp_path: Path):
-    assert set(DATASETS) == {"fashion-mnist", "mnist", "digits", "cifar10", "ham10000"}
+    assert set(DATASETS) == {"fashion-mnist", "mnist", "digits", "cifar10", "ham10000",
+                             "synthetic32"}
     assert dataset_info("cifar10") == {"in_channels": 3, "image_size": 32, "num_classes": 10}
     assert dataset_info("ham10000") == {"in_channels": 3, "image_size": 64, "num_classes": 7}
-    d = load_dataset("digits", limit=4)
-    info = dataset_info("digits")
-    assert d.x.shape[1:] == (info["in_channels"], info["image_size"], info["image_size"])
+    for name in ("digits", "synthetic32"):
+        d = load_dataset(name, limit=4)
+        info = dataset_info(name)
+        assert d.x.shape[1:] == (info["in_channels"], info["image_size"], info["image_size"])
 
 
 def test_cifar10_binary_fixture_loads_train_batches_and_test(tmp_path: Path):
