@@ -1,6 +1,7 @@
 """`sledge`: the command line. Parses arguments, loads topology scripts, runs experiments.
 
     sledge run TOPOLOGY.py [--scheme psl] [--rounds N] [-p bw=10] ...
+    sledge compare [TOPOLOGY.py] [--schemes fl psl epsl:phi=0.5 ...] [--rounds N]
     sledge caps
 """
 
@@ -101,12 +102,33 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="measure every path (ping, iperf3) before training; stored with the run")
     p.add_argument("--loopback", action="store_true",
                    help="no Mininet, no emulation: all nodes on 127.0.0.1 (scheme development)")
+    _add_device_args(p)
+
+
+HETEROGENEITY = {"cpu": "cpu", "mem_mb": "mem-mb", "cycles": "cycles"}  # field -> flag
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    p.add_argument("--cpu", dest="cpu_items", action="append", default=[], metavar="HOST=FRAC",
+                   help="CPU share of a host or role, a fraction of the whole machine (cgroup "
+                        "quota, Mininet's cpu), e.g. --cpu c1=0.1 --cpu client=0.2")
+    p.add_argument("--mem-mb", dest="mem_mb_items", action="append", default=[],
+                   metavar="HOST=MIB", help="memory limit of a host or role (cgroup v1 memcg)")
+    p.add_argument("--cycles", dest="cycles_items", action="append", default=[],
+                   metavar="HOST=CYCLES", help="modelled compute speed of a host or role in "
+                   "cycles/s, e.g. --cycles client=0.3e9 --cycles server=7e9: compute is padded "
+                   "to FLOPs / (flops-per-cycle * cycles)")
+    p.add_argument("--flops-per-cycle", type=float, default=d.flops_per_cycle)
+    p.add_argument("--backward-flops-factor", type=float, default=d.backward_flops_factor)
 
 
 def config_from_args(a: argparse.Namespace, topo_name: str) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     d = {k: v for k, v in vars(a).items() if k in names and v is not None}
     d["scheme_options"] = parse_params(a.scheme_option, "--scheme-option")
+    for f, flag in HETEROGENEITY.items():
+        d[f] = parse_params(getattr(a, f"{f}_items"), f"--{flag}")
     d["name"] = a.name or f"{topo_name}-{a.scheme}"
     return RunConfig.from_dict(d)
 
@@ -172,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     lc.set_defaults(func=cmd_linkcheck)
     c = sub.add_parser("caps", help="print what this kernel offers for link emulation")
     c.set_defaults(func=cmd_caps)
+    from testbed.compare import add_parser as add_compare  # it imports this module
+
+    add_compare(sub)
     return p
 
 
