@@ -41,14 +41,17 @@ sys.path.insert(0, ROOT)
 KIB, MIB = 1024, 1024 * 1024
 SIZES = (64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB)
 MODES = ("latency", "throughput")
-# Repetitions and bytes per measurement: a full run takes about 2 minutes on 2 cores, --quick 20 s.
+# Repetitions and bytes per measurement: a full run takes 70 s on 2 cores (with --baseline 2 min),
+# --quick 20 s.
 PLANS = {False: {"reps": 5, "latency_bytes": 256 * MIB, "stream_bytes": 384 * MIB, "min_n": 6},
          True: {"reps": 1, "latency_bytes": 32 * MIB, "stream_bytes": 48 * MIB, "min_n": 3}}
 MAX_N = {"latency": 300, "throughput": 2000}
 REPLY_TIMEOUT_S = 120.0
 REFERENCE = "gloo"  # ratios are against this method, which runs last in the dict
 DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sledge": ("sledge", {}), "sledge+reuse": ("sledge", {"reuse": True}), REFERENCE: ("gloo", {})}
+    "sledge": ("sledge", {}),
+    **({"sledge+reuse": ("sledge", {"reuse": True})} if platform.libc_ver()[0] == "glibc" else {}),
+    REFERENCE: ("gloo", {})}
 
 
 def counts(nbytes: int, quick: bool) -> dict[str, tuple[int, int]]:
@@ -369,8 +372,11 @@ def table(result: dict[str, Any]) -> str:
 
 
 def _baseline(rev: str, tmp: str) -> tuple[str, tuple[str, dict[str, Any]]]:
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:nodes/protocol.py"], check=True,
-                         capture_output=True, text=True).stdout
+    git = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:nodes/protocol.py"],
+                         capture_output=True, text=True)
+    if git.returncode:
+        raise SystemExit(f"--baseline {rev}: {git.stderr.strip()}")
+    src = git.stdout
     path = os.path.join(tmp, "protocol_baseline.py")
     with open(path, "w") as f:
         f.write(src)
