@@ -11,7 +11,8 @@ import torch
 
 from nodes.context import ComputeModel
 from nodes.runtime import build_context
-from testbed.cli import load_topology
+from testbed.cli import build_parser, config_from_args, load_topology
+from testbed.config import ConfigError, RunConfig
 from testbed.experiment import RunFailed, per_host
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
@@ -89,3 +90,19 @@ def test_run_level_values_override_the_topology_host_first_then_role():
                                                                   "c3": 0.2}
     with pytest.raises(RunFailed, match=r"'cycles'.*\['c9'\] is neither a host nor a role"):
         per_host(topo, "cycles", {"c9": 1e9})
+
+
+@pytest.mark.parametrize(("field", "value"), [("cpu", {"c1": 1.5}), ("cpu", {"c1": 0}),
+                                              ("mem_mb", {"c1": 0.5}), ("cycles", {"c1": -1}),
+                                              ("flops_per_cycle", 0)])
+def test_bad_heterogeneity_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=repr(field)):
+        RunConfig.from_dict({field: value})
+
+
+def test_cli_flags_set_heterogeneity_per_host_or_role():
+    a = build_parser().parse_args(["run", TINY, "--cpu", "c1=0.1", "--mem-mb", "client=256",
+                                   "--cycles", "server=7e9", "--flops-per-cycle", "16"])
+    cfg = config_from_args(a, "tiny")
+    assert (cfg.cpu, cfg.mem_mb, cfg.cycles) == ({"c1": 0.1}, {"client": 256}, {"server": 7e9})
+    assert cfg.flops_per_cycle == 16
