@@ -42,6 +42,10 @@ class RunConfig:
     launcher: str = "popen"       # "popen": an interpreter per node; "zygote": forked, warm
     link_backend: str = "auto"    # "auto": netem where the kernel has it, else "relay"
     linkcheck: bool = False       # measure every path before training, store linkcheck.json
+    # Controller routes on Mininet networks (testbed.controller): between the scheme's
+    # (dealer, router) pairs, between all hosts, or none (the topology's L2 reachability).
+    routes: str = "scheme"
+    route_metric: str = "widest"  # "widest" (bottleneck capacity) or "shortest" (delay)
     # Device heterogeneity. Keys are host names or roles (a host's own entry wins); they override
     # what the topology declares on its hosts (addHost(..., cpu=, mem_mb=, cycles=)).
     cpu: dict[str, float] = field(default_factory=dict)     # fraction of the whole machine
@@ -92,6 +96,10 @@ class RunConfig:
         need(self.launcher in ("popen", "zygote"), "launcher", "expected 'popen' or 'zygote'")
         need(self.link_backend in ("auto", "netem", "relay"), "link_backend",
              "expected 'auto', 'netem' or 'relay'")
+        need(self.routes in ("scheme", "all", "off"), "routes",
+             "expected 'scheme', 'all' or 'off'")
+        need(self.route_metric in ("widest", "shortest"), "route_metric",
+             "expected 'widest' or 'shortest'")
         for f in ("step_timeout_s", "start_timeout_s", "round_timeout_s"):
             need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
                  "expected a number of seconds > 0")

@@ -98,6 +98,7 @@ class Experiment:
         self._ctl_dir: str | None = None
         self.launcher: Launcher | None = None
         self._startup_proto: dict[str, dict] = {}
+        self.controller: Any = None  # testbed.controller.Controller on Mininet networks
         # Device heterogeneity, host -> value (testbed.network.LimitedHost; nodes.context).
         self.limits: dict[str, dict[str, Any]] = {}
         for key in ("cpu", "mem_mb"):
@@ -175,7 +176,8 @@ class Experiment:
             "capabilities": self.caps.to_dict(),
             "network": net.kind, "hosts": net.describe_hosts(),
             "links": net.link_params(), "not_applied": net.not_applied,
-            "placement": self.placement, "iters_per_round": self.iters, "model": self.model_kwargs,
+            "placement": self.placement, "routes": self._routes(),
+            "iters_per_round": self.iters, "model": self.model_kwargs,
             "limits": self.limits, "cycles": self.cycles,
             "shards": self.shard_info,
             "connections": {n: {"listen": c.get("listen"), "peers": c["peers"]}
@@ -239,12 +241,14 @@ class Experiment:
             else:
                 self.network = build_network(self.topo, self.caps,
                                              link_backend=cfg.link_backend, limits=self.limits)
-                if cfg.linkcheck:
-                    self._linkcheck()
             for item in self.network.not_applied:
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
             self.node_configs = self._node_configs()
+            if not self.loopback:
+                self._install_routes()
+                if cfg.linkcheck:
+                    self._linkcheck()
             self.run_dir.write_json("config.json", self._resolved_config())
             test = load_dataset(cfg.dataset, "test", root=cfg.data_root, limit=cfg.test_limit,
                                 seed=cfg.seed)
@@ -314,6 +318,29 @@ class Experiment:
         console.print(round_line(rec, self.cfg.rounds))
         if self.on_round:
             self.on_round(self, rnd)
+
+    def _install_routes(self) -> None:
+        """The controller's host routes, before any node starts: between the scheme's
+        (dealer, router) pairs, or all hosts (cfg.routes). On an L2 tree they pin what the
+        switches would do anyway; on a routed topology (mesh) nothing crosses without them."""
+        from testbed.controller import Controller, RouteError
+
+        if self.cfg.routes == "off":
+            return
+        self.controller = Controller(self.network, metric=self.cfg.route_metric,
+                                     echo=console.print)
+        pairs = None if self.cfg.routes == "all" else self.scheme.connections(self.roles)
+        try:
+            self.controller.install(pairs)
+        except RouteError as e:
+            raise RunFailed(f"topology {self.topology!r}: {e}") from None
+
+    def _routes(self) -> dict | None:
+        ctl = self.controller
+        if ctl is None:
+            return None
+        # Interface names per directed hop, to read the kernel counters of a path's hops.
+        return {**ctl.state, "interfaces": {f"{a}->{b}": i for (a, b), i in ctl.intfs.items()}}
 
     def _linkcheck(self) -> None:
         from testbed.linkcheck import format_rows, linkcheck
