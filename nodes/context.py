@@ -75,6 +75,8 @@ class NodeContext:
     roles: dict[str, list[str]]               # role -> node names (the whole run's)
     router: Endpoint | None = None            # where peers connect to us
     peers: dict[str, Endpoint] = field(default_factory=dict)  # where we connect to
+    # A relay of a chain: client -> the endpoint that speaks upstream as that client.
+    proxies: dict[str, Endpoint] = field(default_factory=dict)
     data: ArrayDataset | None = None
     batch_size: int = 32
     seed: int = 0                             # this node's own (data order)
@@ -109,6 +111,11 @@ class NodeContext:
     @property
     def servers(self) -> list[str]:
         return self.roles.get("server", [])
+
+    @property
+    def downstream(self) -> list[str]:
+        """The clients a relay serves (whose traffic it relays), in run order."""
+        return [c for c in self.clients if c in self.proxies]
 
     # -- model --------------------------------------------------------------------------------
     def _held(self, segs: Iterable[int] | None) -> list[int]:
@@ -214,7 +221,8 @@ class NodeContext:
         return sender, msg
 
     def data_endpoints(self) -> list[Endpoint]:
-        return ([self.router] if self.router else []) + list(self.peers.values())
+        return (([self.router] if self.router else []) + list(self.peers.values())
+                + list(self.proxies.values()))
 
     # -- reporting ----------------------------------------------------------------------------
     def proto_stats(self) -> dict[str, Any]:

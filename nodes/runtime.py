@@ -70,11 +70,15 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
     for peer, addr in config.get("peers", {}).items():
         peers[peer] = Endpoint(zctx, "dealer", name, **kw)
         peers[peer].connect(addr)
+    proxies = {}  # a relay speaks upstream as each client it serves (nodes.schemes.common)
+    for client, addr in config.get("proxies", {}).items():
+        proxies[client] = Endpoint(zctx, "dealer", client, **kw)
+        proxies[client].connect(addr)
     compute = config.get("compute") or {}
     ctx = NodeContext(
         name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
         roles={r: list(h) for r, h in config["roles"].items()}, router=router,
-        peers=peers, data=data, batch_size=config.get("batch_size", 32),
+        peers=peers, proxies=proxies, data=data, batch_size=config.get("batch_size", 32),
         seed=config.get("seed", 0) * 1000 + config.get("index", 0),
         run_seed=config.get("seed", 0), num_segments=len(segments),
         shard_sizes=dict(config.get("shards", {})),
@@ -97,7 +101,7 @@ def open_data_plane(ctx: NodeContext, accept: list[str], timeout_s: float) -> No
     may send first (e.g. weights to a client) without the scheme knowing about identities.
     """
     deadline = time.monotonic() + timeout_s
-    for peer, ep in ctx.peers.items():
+    for peer, ep in [*ctx.peers.items(), *ctx.proxies.items()]:
         while True:
             try:
                 ep.send("HELLO")
@@ -133,7 +137,7 @@ def run_node(config: dict[str, Any]) -> int:
         control.connect(config["control"])
         scheme = get_scheme(config["scheme"], **config.get("scheme_options", {}))
         ctx = build_context(config, zctx)
-        round_fn = getattr(scheme, f"{ctx.role}_round")
+        round_fn = scheme.round_of(ctx.role, relay=bool(config.get("relay")))
         open_data_plane(ctx, list(config.get("accept", [])),
                         float(config.get("start_timeout_s", 180.0)))
         # The data-plane bytes so far (the HELLOs) belong to start-up, not to round 1.

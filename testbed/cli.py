@@ -89,6 +89,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--model", default=d.model)
     p.add_argument("--cut", dest="cuts", action="append", help="cut point (repeatable)")
+    p.add_argument("--tier", dest="tiers", action="append",
+                   help="role of a relay tier between clients and server, client side first "
+                        "(repeatable; needs more --cut than --tier): docs/multitier.md")
+    p.add_argument("--routes", default=d.routes, choices=["scheme", "all", "off"],
+                   help="controller routes on Mininet: between the data-plane peers, all "
+                        "hosts, or none")
+    p.add_argument("--route-metric", default=d.route_metric, choices=["widest", "shortest"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--name", default=None, help="run name (default: topology-scheme)")
     p.add_argument("--out", dest="out_dir", default=d.out_dir)

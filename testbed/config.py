@@ -32,6 +32,9 @@ class RunConfig:
     alpha: float = 0.5
     model: str = "smallcnn"
     cuts: list[str] = field(default_factory=lambda: ["conv2"])
+    # Roles of the relay tiers between the clients and the server, client side first (an
+    # N-segment chain, docs/multitier.md), e.g. ["edge"]: needs len(tiers) + 1 cuts or more.
+    tiers: list[str] = field(default_factory=list)
     seed: int = 0
     out_dir: str = "runs"
     port: int = 5555
@@ -91,6 +94,12 @@ class RunConfig:
         need(isinstance(self.cuts, list) and len(self.cuts) >= 1
              and all(isinstance(c, str) for c in self.cuts), "cuts",
              "expected a non-empty list of cut-point names")
+        need(isinstance(self.tiers, list) and all(
+            isinstance(t, str) and t not in ("client", "server") for t in self.tiers)
+             and len(set(self.tiers)) == len(self.tiers), "tiers",
+             "expected a list of distinct role names other than 'client' and 'server'")
+        need(len(self.cuts) > len(self.tiers), "cuts",
+             f"expected more cut points than relay tiers ({len(self.tiers)})")
         need(isinstance(self.scheme_options, dict), "scheme_options", "expected a mapping")
         need(self.port < 65536, "port", "expected a TCP port")
         need(self.launcher in ("popen", "zygote"), "launcher", "expected 'popen' or 'zygote'")

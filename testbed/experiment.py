@@ -18,8 +18,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from itertools import pairwise
 from typing import Any
 
+import networkx as nx
 import torch
 import zmq
 from mininet.topo import Topo
@@ -109,7 +111,7 @@ class Experiment:
     # -- set-up ---------------------------------------------------------------------------------
     def _node_configs(self) -> dict[str, Any]:
         cfg, net, scheme = self.cfg, self.network, self.scheme
-        roles = {r: net.hosts_by_role(r) for r in scheme.roles}
+        roles = {r: net.hosts_by_role(r) for r in (*scheme.roles, *cfg.tiers)}
         missing = [r for r, hosts in roles.items() if not hosts]
         if missing:
             raise RunFailed(f"topology {self.topology!r}: scheme {cfg.scheme!r} needs hosts with "
@@ -120,7 +122,8 @@ class Experiment:
                              "in_channels": info["in_channels"], "image_size": info["image_size"]}
         nseg = len(cfg.cuts) + 1
         try:
-            self.placement = scheme.placement(nseg, roles)
+            self.placement = (scheme.chain_placement(nseg, roles, cfg.tiers) if cfg.tiers
+                              else scheme.placement(nseg, roles))
         except ValueError as e:
             raise RunFailed(f"scheme {cfg.scheme!r}: {e}") from None
         self.parts = {c: scheme.model_of(c, self.placement, nseg) for c in clients}
@@ -146,6 +149,7 @@ class Experiment:
                 if name in configs:
                     raise RunFailed(f"host {name} has two roles in scheme {cfg.scheme!r}")
                 configs[name] = {**base, "name": name, "role": role,
+                                 "relay": role in cfg.tiers,
                                  "segments": self.placement.get(name, []), "peers": {},
                                  "accept": [], "compute": {
                                      **compute, "cycles_per_s": self.cycles.get(name)},
@@ -154,19 +158,41 @@ class Experiment:
             configs[c]["index"] = i
             configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
                                   "limit": cfg.train_limit, "indices": shards[i].tolist()}
-        links = scheme.connections(roles)
-        routers = sorted({r for _, r in links})
+        # A client's connection to the server runs through its chain of relays, if any: the
+        # client dials the first relay, each relay dials the next as that client.
+        chains = self._chains(roles) if cfg.tiers else {}
+        paths = [[d, *(chains.get(d, []) if r in roles["server"] else []), r]
+                 for d, r in scheme.connections(roles)]
+        routers = sorted({h for p in paths for h in p[1:]})
         # A port per listening node, so the loopback network can share one address.
         addr = {r: f"tcp://{net.ip(r)}:{cfg.port + i}" for i, r in enumerate(routers)}
-        for dealer, router in links:
-            configs[router]["listen"] = addr[router]
-            configs[router]["accept"].append(dealer)
-            configs[dealer]["peers"][router] = addr[router]
+        self.data_links = list(dict.fromkeys(q for p in paths for q in pairwise(p)))
+        for dealer, *relays, router in paths:
+            configs[dealer]["peers"][router] = addr[(*relays, router)[0]]
+            for a, b in pairwise([*relays, router]):
+                configs[a].setdefault("proxies", {})[dealer] = addr[b]
+            for b in (*relays, router):
+                configs[b]["listen"] = addr[b]
+                configs[b]["accept"].append(dealer)
         self.shard_info = {c: {"samples": len(s),
                                "labels": torch.bincount(train.y[torch.as_tensor(s)],
                                                         minlength=info["num_classes"]).tolist()}
                            for c, s in zip(clients, shards, strict=True)}
         return configs
+
+    def _chains(self, roles: dict[str, list[str]]) -> dict[str, list[str]]:
+        """client -> its relays, client side first: at each tier the host of that role
+        nearest (fewest links) to the previous hop, ties to the first name."""
+        g = nx.Graph(list(self.topo.links()))
+        out = {}
+        for c in roles["client"]:
+            prev, hops = c, []
+            for tier in self.cfg.tiers:
+                dist = nx.single_source_shortest_path_length(g, prev)
+                prev = min(roles[tier], key=lambda h, d=dist: (d.get(h, math.inf), h))
+                hops.append(prev)
+            out[c] = hops
+        return out
 
     def _resolved_config(self) -> dict:
         net = self.network
@@ -180,7 +206,8 @@ class Experiment:
             "iters_per_round": self.iters, "model": self.model_kwargs,
             "limits": self.limits, "cycles": self.cycles,
             "shards": self.shard_info,
-            "connections": {n: {"listen": c.get("listen"), "peers": c["peers"]}
+            "connections": {n: {"listen": c.get("listen"), "peers": c["peers"],
+                                **({"proxies": c["proxies"]} if c.get("proxies") else {})}
                             for n, c in self.node_configs.items()},
         }
 
@@ -320,16 +347,17 @@ class Experiment:
             self.on_round(self, rnd)
 
     def _install_routes(self) -> None:
-        """The controller's host routes, before any node starts: between the scheme's
-        (dealer, router) pairs, or all hosts (cfg.routes). On an L2 tree they pin what the
-        switches would do anyway; on a routed topology (mesh) nothing crosses without them."""
+        """The controller's host routes, before any node starts: between the hosts that talk
+        on the data plane (the scheme's (dealer, router) pairs, hop by hop along chains), or
+        all hosts (cfg.routes). On an L2 tree they pin what the switches would do anyway; on
+        a routed topology (mesh) nothing crosses without them."""
         from testbed.controller import Controller, RouteError
 
         if self.cfg.routes == "off":
             return
         self.controller = Controller(self.network, metric=self.cfg.route_metric,
                                      echo=console.print)
-        pairs = None if self.cfg.routes == "all" else self.scheme.connections(self.roles)
+        pairs = None if self.cfg.routes == "all" else self.data_links
         try:
             self.controller.install(pairs)
         except RouteError as e:

@@ -8,7 +8,9 @@ the runtime calls `<role>_round` (e.g. `client_round`, `server_round`, `fedserve
 Adding a scheme means adding one file in nodes/schemes/ with a subclass that sets `name`.
 
 `roles` maps a role to the host names that play it (from the topology's `role=` host
-parameter); every scheme has "client" hosts, which hold the training data.
+parameter); every scheme has "client" hosts, which hold the training data. A scheme that runs
+over chains (client -> relay tier(s) -> server, docs/multitier.md) places segments on the
+relays (`chain_placement`) and says what a relay does in a round (`relay_round`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ class Scheme:
         out.update({s: list(range(1, num_segments)) for s in roles["server"]})
         return out
 
+    def chain_placement(self, num_segments: int, roles: Roles,
+                        tiers: list[str]) -> dict[str, list[int]]:
+        """Segments each node holds when relays of the roles `tiers` (client side first) sit
+        between the clients and the server (an N-segment chain). Default: not supported."""
+        raise ValueError(f"scheme {self.name!r} does not run over a chain of relays "
+                         f"(tiers {tiers})")
+
+    def round_of(self, role: str, relay: bool = False) -> Any:
+        """What a node of `role` runs each round: `<role>_round`, or `relay_round` for a
+        relay of a chain."""
+        return self.relay_round if relay else getattr(self, f"{role}_round")
+
     def connections(self, roles: Roles) -> list[tuple[str, str]]:
         """(dealer, router) pairs: who connects to whom on the data plane."""
         return [(c, s) for c in roles["client"] for s in roles["server"]]
@@ -87,4 +101,7 @@ class Scheme:
         raise NotImplementedError
 
     def server_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
+        raise NotImplementedError
+
+    def relay_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
         raise NotImplementedError

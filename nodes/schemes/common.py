@@ -10,6 +10,10 @@ The serving orders a server can follow (`gather`: a barrier over all clients; `s
 `serve_in_order`) and per-client server copies (`ServerCopies`) are plain helpers here; which
 one a scheme uses is that scheme's business. Weights on the wire and FedAvg live in weights.py.
 
+A relay (an intermediate tier of an N-segment chain, docs/multitier.md) runs `relay_update`
+for each server update: its segments forward and backward, activations up and gradients down.
+Upstream it speaks as each client (ctx.proxies), so the next tier serves the clients unchanged.
+
 Counters a server reports per round (ctx.count): server_steps (optimizer steps),
 server_bp_vectors (output-gradient rows back-propagated), grad_rows_down and grad_bytes_down
 (cut-gradient rows and message bytes sent to clients, a broadcast counted once); aggregators
@@ -56,6 +60,22 @@ class SplitScheme(Scheme):
     def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
         out = {c: self.client_segments(num_segments) for c in roles["client"]}
         out.update({s: self.server_segments(num_segments) for s in roles["server"]})
+        return out
+
+    def chain_placement(self, num_segments: int, roles: Roles,
+                        tiers: list[str]) -> dict[str, list[int]]:
+        """Clients the first segment, the relays of tier i segment i + 1, the server the rest."""
+        if type(self).relay_round is Scheme.relay_round:
+            return super().chain_placement(num_segments, roles, tiers)
+        if self.opts["u_shaped"]:
+            raise ValueError("a chain of relays carries labels upstream: needs u_shaped=false")
+        if num_segments < len(tiers) + 2:
+            raise ValueError(f"{len(tiers)} relay tier(s) {tiers} need at least "
+                             f"{len(tiers) + 1} cuts, got {num_segments - 1}")
+        out = {c: [0] for c in roles["client"]}
+        for i, tier in enumerate(tiers):
+            out.update({h: [i + 1] for h in roles[tier]})
+        out.update({s: list(range(len(tiers) + 1, num_segments)) for s in roles["server"]})
         return out
 
     # -- scales (1.4) ----------------------------------------------------------------------
@@ -108,7 +128,8 @@ class SplitScheme(Scheme):
 
     # -- server -------------------------------------------------------------------------------
     def server_model(self, ctx: NodeContext) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
-        segs = self.server_segments(ctx.num_segments)
+        # In a chain the server holds only the tail of what a two-tier server would.
+        segs = [s for s in self.server_segments(ctx.num_segments) if s in ctx.segments]
         return ctx.model(segs), [ctx.optimizers[i] for i in segs if i in ctx.optimizers]
 
     def server_copies(self, ctx: NodeContext) -> ServerCopies:
@@ -117,6 +138,37 @@ class SplitScheme(Scheme):
         if getattr(self, "_copies", None) is None:
             self._copies = ServerCopies(ctx, self.server_segments(ctx.num_segments))
         return self._copies
+
+    def relay_update(self, ctx: NodeContext, batch: Batch, rnd: int, step: int,
+                     n_clients: int) -> None:
+        """A relay's part of one server update (an intermediate tier of a chain): each client's
+        activations through this node's segments and on upstream, sent as that client (labels
+        ride along); then each one's cut gradient back through them and on downstream. One
+        optimizer step on dL/dW: upstream gradients carry the scale grad_scale(n_clients),
+        the n_clients of the server's batch, undone here."""
+        model, passes = ctx.model(), []
+        for c, msg in batch:
+            with ctx.compute():
+                x = msg.tensors["act"].clone().requires_grad_()
+                out = model(x)
+            ctx.proxies[c].send("ACT", round=rnd, step=step, meta=msg.meta,
+                                tensors={**msg.tensors, "act": out.detach()})
+            passes.append((c, x, out))
+        ctx.zero_grad()
+        for c, x, out in passes:
+            _, msg = ctx.expect(ctx.proxies[c], "GRAD", rnd, step)
+            with ctx.compute():
+                out.backward(msg.tensors["grad"])
+            nbytes = ctx.router.send("GRAD", to=c, round=rnd, step=step, meta=msg.meta,
+                                     tensors={"grad": x.grad})
+            ctx.count(grad_rows_down=len(x.grad), grad_bytes_down=nbytes)
+        with ctx.compute():
+            scale = 1.0 / self.grad_scale(n_clients)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            ctx.step()
+        ctx.count(relay_steps=1)
 
     def server_update(self, ctx: NodeContext, model: nn.Module,
                       opts: list[torch.optim.Optimizer], batch: Batch, rnd: int,
@@ -191,15 +243,17 @@ def client_order(ctx: NodeContext, rnd: int) -> list[str]:
     return [ctx.clients[i] for i in torch.randperm(len(ctx.clients), generator=g).tolist()]
 
 
-def gather(ctx: NodeContext, rnd: int, step: int) -> Batch:
-    """Synchronous barrier: one ACT of `step` from every client, in ctx.clients order."""
+def gather(ctx: NodeContext, rnd: int, step: int, clients: list[str] | None = None) -> Batch:
+    """Synchronous barrier: one ACT of `step` from every client (default: ctx.clients; a
+    relay: those it serves), in that order."""
+    clients = ctx.clients if clients is None else clients
     got: dict[str, Message] = {}
-    while len(got) < len(ctx.clients):
+    while len(got) < len(clients):
         sender, msg = ctx.expect(ctx.router, "ACT", rnd, step)
-        if sender in got or sender not in ctx.clients:
+        if sender in got or sender not in clients:
             raise UnexpectedMessage(f"node {ctx.name}: second or foreign ACT from {sender}")
         got[sender] = msg
-    return [(c, got[c]) for c in ctx.clients]
+    return [(c, got[c]) for c in clients]
 
 
 def serve_fcfs(ctx: NodeContext, rnd: int, iters: int,

@@ -9,11 +9,13 @@ Options ([D] in the spec): client_grad_scale (per_client | global_mean, 1.4) and
 psl_server_mode: concat (the above), per_client_sequential (one server step per client batch,
 first come first served: SFL-V2 without the fed server), per_client_copies_avg (a server copy
 per client, averaged every iteration: CycleSL's PSL). u_shaped keeps labels on the clients.
+In a chain (concat only), a relay tier gathers its clients' ACTs of each step and relays them.
 """
 
 from __future__ import annotations
 
 from nodes.context import NodeContext
+from nodes.schemes.base import Roles
 from nodes.schemes.common import SplitScheme, gather, serve_fcfs
 
 
@@ -34,6 +36,17 @@ class PSL(SplitScheme):
     def tail_loss_scale(self, ctx: NodeContext) -> float:
         n = len(ctx.clients) if self.concatenates() else 1
         return self.grad_scale(n) / n
+
+    def chain_placement(self, num_segments: int, roles: Roles,
+                        tiers: list[str]) -> dict[str, list[int]]:
+        if not self.concatenates():
+            raise ValueError("a chain of relays needs psl_server_mode=concat")
+        return super().chain_placement(num_segments, roles, tiers)
+
+    def relay_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
+        for step in range(iters):
+            self.relay_update(ctx, gather(ctx, rnd, step, ctx.downstream), rnd, step,
+                              len(ctx.clients))
 
     def server_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
         model, opts = self.server_model(ctx)

@@ -1,0 +1,106 @@
+"""N-segment chains: a model cut twice, its segments on users, an edge relay and the cloud
+(topologies/hierarchical.py); activations relayed up and gradients down hop by hop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from nodes.models import build_model, segment_output_shape, split_model
+from testbed.cli import load_topology
+from testbed.config import ConfigError, RunConfig
+from testbed.experiment import Experiment, RunFailed
+from testbed.metrics import read_rounds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HIER = os.path.join(ROOT, "topologies", "hierarchical.py")
+TINY = os.path.join(ROOT, "topologies", "tiny.py")
+CLEAN = {"loss": 0, "jitter": 0}
+CUTS = ["conv1", "conv2"]
+BATCH, ITERS = 32, 20
+NOISE = 64 * 1024
+
+
+def run(tmp_path, topo_path=HIER, topo_params=None, loopback=False, **cfg):
+    params = topo_params if topo_params is not None else {
+        "users": 2, "edges": 1, "cec_ratio": 0.5,
+        "links": {"access": CLEAN, "edge_cloud": CLEAN}}
+    topo, _ = load_topology(topo_path, params=params)
+    base = dict(name="chain", dataset="digits", rounds=3, iters_per_round=ITERS,
+                batch_size=BATCH, train_limit=None, test_limit=None, cuts=CUTS,
+                tiers=["edge"], out_dir=str(tmp_path))
+    exp = Experiment(RunConfig.from_dict({**base, **cfg}), topo, topology=topo_path,
+                     loopback=loopback)
+    exp.run()
+    config = json.loads((exp.run_dir.path / "config.json").read_text())
+    return config, read_rounds(exp.run_dir.path)
+
+
+def act_bytes(segments: int, cuts: list[str] = CUTS) -> int:
+    """Bytes of one batch of activations after the first `segments` segments (float32)."""
+    parts = split_model(build_model("smallcnn", in_channels=1, image_size=8, num_classes=10),
+                        cuts)
+    shape = (1, 8, 8)
+    for seg in parts[:segments]:
+        shape = segment_output_shape(seg, shape)
+    return BATCH * 4 * math.prod(shape)
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("chain"))
+
+
+@pytest.mark.net
+def test_three_segment_chain_trains_over_mininet(chain_run):
+    config, rounds = chain_run
+    assert config["placement"] == {"u1": [0], "u2": [0], "edge1": [1], "cloud": [2]}
+    assert config["connections"]["u1"]["peers"] == {"cloud": config["connections"]["edge1"][
+        "listen"]}
+    assert set(config["connections"]["edge1"]["proxies"]) == {"u1", "u2"}
+    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"] * 0.7
+    assert rounds[-1]["test_acc"] > 0.6  # chance is 0.1
+    assert all(r["nodes"]["edge1"]["counters"]["relay_steps"] == ITERS for r in rounds)
+
+
+@pytest.mark.net
+def test_each_hop_carries_the_activations_of_its_cut(chain_run):
+    config, rounds = chain_run
+    a1, a2, labels = act_bytes(1), act_bytes(2), BATCH * 8
+    up = config["routes"]["interfaces"]["es1->cs1"]
+    for r in rounds:
+        n, k = r["nodes"], 2 * r["iters"]  # two users' batches per step
+        for u in ("u1", "u2"):
+            assert n[u]["tx_bytes"] == r["iters"] * (a1 + labels) + n[u]["tx_header_bytes"]
+            assert n[u]["rx_bytes"] == r["iters"] * a1 + n[u]["rx_header_bytes"]
+        e, c = n["edge1"], n["cloud"]
+        assert e["tx_bytes"] == k * (a2 + labels + a1) + e["tx_header_bytes"]
+        assert e["rx_bytes"] == k * (a1 + labels + a2) + e["rx_header_bytes"]
+        assert c["rx_bytes"] == k * (a2 + labels) + c["rx_header_bytes"]
+        assert c["tx_bytes"] == k * a2 + c["tx_header_bytes"]
+        # Only the second cut's activations cross the edge-cloud link (a1 is twice a2).
+        sent = r["interfaces"][up]["tx_bytes"]
+        assert c["rx_bytes"] <= sent < 1.3 * c["rx_bytes"] + NOISE, (sent, c["rx_bytes"])
+
+
+def test_a_relay_tier_computes_what_the_two_tier_server_would(tmp_path):
+    """PSL is the same optimisation whether the server's segments sit on one node or on an
+    edge relay and the cloud: the same losses, round after round (summation order aside)."""
+    _, chain = run(tmp_path / "chain", loopback=True, evaluate=False)
+    _, flat = run(tmp_path / "flat", loopback=True, evaluate=False, tiers=[])
+    assert [r["train_loss"] for r in chain] == pytest.approx(
+        [r["train_loss"] for r in flat], rel=1e-4)
+
+
+def test_chains_fail_early_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match="more cut points than relay tiers"):
+        RunConfig.from_dict({"tiers": ["edge"], "cuts": ["conv2"]})
+    with pytest.raises(RunFailed, match="psl_server_mode=concat"):
+        run(tmp_path, loopback=True, scheme_options={"psl_server_mode": "per_client_sequential"})
+    with pytest.raises(RunFailed, match="does not run over a chain"):
+        run(tmp_path, loopback=True, scheme="fl")
+    with pytest.raises(RunFailed, match=r"role \['edge'\]"):
+        run(tmp_path, TINY, topo_params={}, loopback=True)
