@@ -92,6 +92,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier", dest="tiers", action="append",
                    help="role of a relay tier between clients and server, client side first "
                         "(repeatable; needs more --cut than --tier): docs/multitier.md")
+    p.add_argument("--role", dest="role_items", action="append", default=[],
+                   metavar="HOST=ROLE", help="override a host's role, e.g. --role v2=hop1")
     p.add_argument("--routes", default=d.routes, choices=["scheme", "all", "off"],
                    help="controller routes on Mininet: between the data-plane peers, all "
                         "hosts, or none")
@@ -136,6 +138,7 @@ def config_from_args(a: argparse.Namespace, topo_name: str) -> RunConfig:
     d["scheme_options"] = parse_params(a.scheme_option, "--scheme-option")
     for f, flag in HETEROGENEITY.items():
         d[f] = parse_params(getattr(a, f"{f}_items"), f"--{flag}")
+    d["roles"] = parse_params(a.role_items, "--role")
     d["name"] = a.name or f"{topo_name}-{a.scheme}"
     return RunConfig.from_dict(d)
 

@@ -35,6 +35,8 @@ class RunConfig:
     # Roles of the relay tiers between the clients and the server, client side first (an
     # N-segment chain, docs/multitier.md), e.g. ["edge"]: needs len(tiers) + 1 cuts or more.
     tiers: list[str] = field(default_factory=list)
+    # host -> role, overriding the topology's role= tag (e.g. a platoon's vehicles as relays).
+    roles: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     out_dir: str = "runs"
     port: int = 5555
@@ -100,6 +102,9 @@ class RunConfig:
              "expected a list of distinct role names other than 'client' and 'server'")
         need(len(self.cuts) > len(self.tiers), "cuts",
              f"expected more cut points than relay tiers ({len(self.tiers)})")
+        need(isinstance(self.roles, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in self.roles.items()),
+             "roles", "expected a mapping host -> role name")
         need(isinstance(self.scheme_options, dict), "scheme_options", "expected a mapping")
         need(self.port < 65536, "port", "expected a TCP port")
         need(self.launcher in ("popen", "zygote"), "launcher", "expected 'popen' or 'zygote'")

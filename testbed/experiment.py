@@ -55,18 +55,31 @@ def _delta(now: dict, before: dict) -> dict:
     return out
 
 
-def per_host(topo: Topo, key: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def host_roles(topo: Topo, overrides: dict[str, str] | None = None) -> dict[str, str | None]:
+    """host -> role: the topology's role= tag, or the run's override (RunConfig.roles)."""
+    hosts = topo.hosts()
+    unknown = sorted(set(overrides or {}) - set(hosts))
+    if unknown:
+        raise RunFailed(f"config field 'roles': no host(s) {unknown} in the topology "
+                        f"(hosts {sorted(hosts)})")
+    return {h: (overrides or {}).get(h, topo.nodeInfo(h).get("role")) for h in hosts}
+
+
+def per_host(topo: Topo, key: str, overrides: dict[str, Any],
+             roles: dict[str, str | None] | None = None) -> dict[str, Any]:
     """host -> value of host parameter `key`: what the topology declares, overridden by a
-    run-level entry for the host's role, overridden by one for the host itself."""
+    run-level entry for the host's role (`roles`, default the topology's), overridden by one
+    for the host itself."""
     hosts = {h: topo.nodeInfo(h) for h in topo.hosts()}
-    roles = {i.get("role") for i in hosts.values()}
-    unknown = sorted(set(overrides) - set(hosts) - roles)
+    roles = roles or host_roles(topo)
+    unknown = sorted(set(overrides) - set(hosts) - set(roles.values()))
     if unknown:
         raise RunFailed(f"config field {key!r}: {unknown} is neither a host nor a role of the "
-                        f"topology (hosts {sorted(hosts)}, roles {sorted(r for r in roles if r)})")
+                        f"topology (hosts {sorted(hosts)}, roles "
+                        f"{sorted({r for r in roles.values() if r})})")
     out = {}
     for h, info in hosts.items():
-        v = overrides.get(h, overrides.get(info.get("role"), info.get(key)))
+        v = overrides.get(h, overrides.get(roles[h], info.get(key)))
         if v is not None:
             out[h] = v
     return out
@@ -102,16 +115,19 @@ class Experiment:
         self._startup_proto: dict[str, dict] = {}
         self.controller: Any = None  # testbed.controller.Controller on Mininet networks
         # Device heterogeneity, host -> value (testbed.network.LimitedHost; nodes.context).
+        self.host_roles = host_roles(topo, cfg.roles)
         self.limits: dict[str, dict[str, Any]] = {}
         for key in ("cpu", "mem_mb"):
-            for h, v in per_host(topo, key, getattr(cfg, key)).items():
+            for h, v in per_host(topo, key, getattr(cfg, key), self.host_roles).items():
                 self.limits.setdefault(h, {})[key] = v
-        self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles)
+        self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles, self.host_roles)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _node_configs(self) -> dict[str, Any]:
         cfg, net, scheme = self.cfg, self.network, self.scheme
-        roles = {r: net.hosts_by_role(r) for r in (*scheme.roles, *cfg.tiers)}
+        # Built hosts keep the topology's order (Mininet adds them as topo.hosts() lists them).
+        roles = {r: [h for h, hr in self.host_roles.items() if hr == r]
+                 for r in (*scheme.roles, *cfg.tiers)}
         missing = [r for r, hosts in roles.items() if not hosts]
         if missing:
             raise RunFailed(f"topology {self.topology!r}: scheme {cfg.scheme!r} needs hosts with "

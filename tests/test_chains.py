@@ -17,6 +17,7 @@ from testbed.metrics import read_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIER = os.path.join(ROOT, "topologies", "hierarchical.py")
+PLATOON = os.path.join(ROOT, "topologies", "platoon.py")
 TINY = os.path.join(ROOT, "topologies", "tiny.py")
 CLEAN = {"loss": 0, "jitter": 0}
 CUTS = ["conv1", "conv2"]
@@ -84,6 +85,29 @@ def test_each_hop_carries_the_activations_of_its_cut(chain_run):
         # Only the second cut's activations cross the edge-cloud link (a1 is twice a2).
         sent = r["interfaces"][up]["tx_bytes"]
         assert c["rx_bytes"] <= sent < 1.3 * c["rx_bytes"] + NOISE, (sent, c["rx_bytes"])
+
+
+@pytest.mark.net
+def test_a_model_split_over_three_vehicles_and_the_edge_server_trains(tmp_path):
+    """The rear vehicle holds the data and the first segment, the two ahead of it relay the
+    next two over V2V links, the edge server behind the cell runs the rest."""
+    cuts = ["conv1", "conv2", "fc1"]
+    config, rounds = run(tmp_path, PLATOON, topo_params={"vehicles": 3, "links": {
+        "v2v": {"bw": 50, **CLEAN}, "cell": CLEAN}}, cuts=cuts, tiers=["hop1", "hop2"],
+        roles={"v2": "hop1", "v1": "hop2"}, iters_per_round=30)
+    assert config["placement"] == {"v3": [0], "v2": [1], "v1": [2], "srv": [3]}
+    assert {p: v["path"] for p, v in config["routes"]["paths"].items()} == {
+        "v3->v2": ["v3", "v2"], "v2->v3": ["v2", "v3"], "v2->v1": ["v2", "v1"],
+        "v1->v2": ["v1", "v2"], "v1->srv": ["v1", "cell1", "srv"],
+        "srv->v1": ["srv", "cell1", "v1"]}
+    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"] * 0.7
+    a1, a2, a3, labels = (*(act_bytes(i, cuts) for i in (1, 2, 3)), BATCH * 8)
+    for r in rounds:
+        n, k = r["nodes"], r["iters"]
+        assert n["v3"]["tx_bytes"] == k * (a1 + labels) + n["v3"]["tx_header_bytes"]
+        assert n["v2"]["tx_bytes"] == k * (a2 + labels + a1) + n["v2"]["tx_header_bytes"]
+        assert n["v1"]["tx_bytes"] == k * (a3 + labels + a2) + n["v1"]["tx_header_bytes"]
+        assert n["srv"]["tx_bytes"] == k * a3 + n["srv"]["tx_header_bytes"]
 
 
 def test_a_relay_tier_computes_what_the_two_tier_server_would(tmp_path):
