@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Seed Fig. 6: user-edge-cloud vs user-edge vs user-cloud split learning over emulated links.
+
+For each data-set size, three PSL runs on topologies/hierarchical.py (one edge, `--users` users,
+the edge-cloud capacity `cec_ratio` of the users' aggregate access capacity):
+
+    user-edge-cloud  cuts (l1, l2): users 1..l1, the edge a relay tier for l1+1..l2
+                     (docs/multitier.md), the cloud the rest and the loss;
+    user-edge        cut l1, the edge is the server (the cloud is unused);
+    user-cloud       cut l1, the cloud is the server; the edge site only switches, so the l1
+                     activations cross the slow edge-cloud link.
+
+Compute is modelled from FLOPs at each host's `gcycles` tag (users 0.1 ... 0.5e9 cycles/s, edge
+7e9, cloud 20e9; eta = --flops-per-cycle). A run trains one round, one local epoch over the
+users' shards. Its measured wall time stands next to the analytic latency of algorithms.md 11.7
+(T_hier per iteration, with one-way link delays added per crossing, times the iterations).
+Writes fig6.md, fig6.csv, fig6.json and fig6.png to --out.
+
+    sudo .venv/bin/python benchmarks/fig6.py [--sizes 240 480 960] [--users 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from nodes.data import dataset_info  # noqa: E402
+from nodes.models import build_model, cut_points, unit_stats  # noqa: E402
+from testbed.cli import load_topology  # noqa: E402
+from testbed.config import RunConfig  # noqa: E402
+from testbed.controller import graph_from_topo  # noqa: E402
+from testbed.experiment import Experiment  # noqa: E402
+
+HIER = os.path.join(ROOT, "topologies", "hierarchical.py")
+CLEAN = {"loss": 0, "jitter": 0}  # deterministic links: the model has no loss or jitter
+SPLITS = {  # name -> (hierarchical `server`, relay tiers, uses the second cut)
+    "user-edge-cloud": ("cloud", ["edge"], True),
+    "user-edge": ("edge", [], False),
+    "user-cloud": ("cloud", [], False),
+}
+
+
+def topology(users: int, cec_ratio: float) -> Any:
+    return lambda server: load_topology(HIER, params={
+        "users": users, "edges": 1, "cec_ratio": cec_ratio, "server": server,
+        "links": {"access": CLEAN, "edge_cloud": CLEAN}})[0]
+
+
+def analytic(topo: Any, split: str, model: str, dataset: str, l1: str, l2: str, batch: int,
+             eta: float, beta: float = 2.0) -> dict[str, float]:
+    """algorithms.md 11.7 for one iteration of PSL-style parallel users, in seconds."""
+    info = dataset_info(dataset)
+    m = build_model(model, num_classes=info["num_classes"], in_channels=info["in_channels"],
+                    image_size=info["image_size"])
+    stats = unit_stats(m, (info["in_channels"], info["image_size"], info["image_size"]))
+    names = [u.name for u in stats]
+    i1 = names.index(l1) + 1
+    i2 = {"user-edge-cloud": names.index(l2) + 1, "user-edge": len(names),
+          "user-cloud": i1}[split]
+    fwd = [2.0 * u.macs for u in stats]  # FLOPs per sample (11.1)
+    phi = lambda a, b: sum(fwd[a:b])  # noqa: E731 - forward FLOPs of units [a, b)
+    s_a = lambda i: 32.0 * stats[i - 1].out_elems  # noqa: E731 - bits after unit i
+    s_y = 64.0
+    g = graph_from_topo(topo)
+    users = [h for h in topo.hosts() if topo.nodeInfo(h).get("tier") == "user"]
+    f = {h: topo.nodeInfo(h)["gcycles"] * 1e9 for h in topo.hosts()}
+    n, b = len(users), batch
+    up, down = {}, {}
+    for u in users:
+        (sw,) = g.successors(u)
+        up[u], down[u] = g.edges[u, sw], g.edges[sw, u]
+    ec_up, ec_down = g.edges["es1", "cs1"], g.edges["cs1", "es1"]
+    t_u = max(b * phi(0, i1) / (eta * f[u]) + b * (s_a(i1) + s_y) / (up[u]["bw"] * 1e6)
+              + up[u]["delay"] / 1e3 for u in users)
+    t_d = max(b * s_a(i1) / (down[u]["bw"] * 1e6) + down[u]["delay"] / 1e3
+              + beta * b * phi(0, i1) / (eta * f[u]) for u in users)
+    t_edge = (1 + beta) * n * b * phi(i1, i2) / (eta * f["edge1"])
+    cloud = i2 < len(names)
+    t_ec = (n * b * (s_a(i2) + s_y) / (ec_up["bw"] * 1e6) + ec_up["delay"] / 1e3
+            + n * b * s_a(i2) / (ec_down["bw"] * 1e6) + ec_down["delay"] / 1e3) if cloud else 0.0
+    t_cl = (1 + beta) * n * b * phi(i2, len(names)) / (eta * f["cloud"])
+    return {"users": t_u, "edge": t_edge, "edge_cloud": t_ec, "cloud": t_cl, "down": t_d,
+            "total": t_u + t_edge + t_ec + t_cl + t_d}
+
+
+def measure(topo: Any, split: str, size: int, a: argparse.Namespace, out_dir: str) -> dict:
+    server, tiers, two_cuts = SPLITS[split]
+    cycles = {h: topo.nodeInfo(h)["gcycles"] * 1e9 for h in topo.hosts()}
+    cfg = RunConfig.from_dict(dict(
+        name=split, dataset=a.dataset, model=a.model, rounds=1, batch_size=a.batch,
+        train_limit=size, test_limit=None, evaluate=False, cuts=[a.l1, a.l2] if two_cuts
+        else [a.l1], tiers=tiers, cycles=cycles, flops_per_cycle=a.eta, out_dir=out_dir))
+    exp = Experiment(cfg, topo, topology=HIER)
+    exp.run()
+    (rnd,) = exp.rounds
+    return {"iters": rnd["iters"], "measured_s": rnd["wall_s"], "loss": rnd["train_loss"]}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, split in enumerate(SPLITS):
+        mine = [r for r in rows if r["split"] == split]
+        sizes = [r["size"] for r in mine]
+        ax.plot(sizes, [r["measured_s"] for r in mine], "o-", color=f"C{i}",
+                label=f"{split} (measured)")
+        ax.plot(sizes, [r["analytic_s"] for r in mine], "x--", color=f"C{i}",
+                label=f"{split} (analytic 11.7)")
+    ax.set_xlabel("training samples (one epoch)")
+    ax.set_ylabel("training latency per epoch (s)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[240, 480, 960])
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--cec-ratio", type=float, default=1 / 20)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="smallcnn")
+    p.add_argument("--l1", default="conv1")
+    p.add_argument("--l2", default="conv2")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--eta", type=float, default=1.0, help="FLOPs per cycle (11.2)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "fig6"))
+    a = p.parse_args()
+    if a.l1 not in cut_points(build_model(a.model, num_classes=10)) or a.l1 == a.l2:
+        p.error(f"--l1 {a.l1!r} / --l2 {a.l2!r}: two distinct cut points of {a.model}")
+    os.makedirs(a.out, exist_ok=True)
+    make = topology(a.users, a.cec_ratio)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fig6-") as runs:
+        for size in a.sizes:
+            for split in SPLITS:
+                topo = make(SPLITS[split][0])
+                t = analytic(topo, split, a.model, a.dataset, a.l1, a.l2, a.batch, a.eta)
+                got = measure(topo, split, size, a, runs)
+                rows.append({"size": size, "split": split, **got,
+                             "analytic_s": got["iters"] * t["total"],
+                             "analytic_iter": {k: round(v, 6) for k, v in t.items()}})
+                r = rows[-1]
+                print(f"{size:>6} {split:<16} {r['iters']:>4} it  measured {r['measured_s']:7.2f}"
+                      f" s  analytic {r['analytic_s']:7.2f} s", flush=True)
+    with open(os.path.join(a.out, "fig6.json"), "w") as fh:
+        json.dump({"args": vars(a), "rows": rows}, fh, indent=1)
+    cols = ["size", "split", "iters", "measured_s", "analytic_s"]
+    with open(os.path.join(a.out, "fig6.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| samples | split | iterations | measured (s) | analytic 11.7 (s) | ratio |",
+             "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['size']} | {r['split']} | {r['iters']} | {r['measured_s']:.2f} | "
+              f"{r['analytic_s']:.2f} | {r['measured_s'] / r['analytic_s']:.2f} |" for r in rows]
+    with open(os.path.join(a.out, "fig6.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, os.path.join(a.out, "fig6.png"))
+    print(f"results: {a.out}")
+    assert all(math.isfinite(r["analytic_s"]) for r in rows)
+
+
+if __name__ == "__main__":
+    main()
