@@ -21,7 +21,6 @@ from contextlib import suppress
 from itertools import pairwise
 from typing import Any
 
-import networkx as nx
 import torch
 import zmq
 from mininet.topo import Topo
@@ -30,6 +29,7 @@ from nodes.data import dataset_info, load_dataset, partition
 from nodes.protocol import Endpoint
 from nodes.schemes import get_scheme
 from testbed.capabilities import probe
+from testbed.chains import place_chain, relays_of
 from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
@@ -114,6 +114,7 @@ class Experiment:
         self.launcher: Launcher | None = None
         self._startup_proto: dict[str, dict] = {}
         self.controller: Any = None  # testbed.controller.Controller on Mininet networks
+        self.placement_plan: dict | None = None  # the controller's, when it placed a chain
         # Device heterogeneity, host -> value (testbed.network.LimitedHost; nodes.context).
         self.host_roles = host_roles(topo, cfg.roles)
         self.limits: dict[str, dict[str, Any]] = {}
@@ -138,8 +139,12 @@ class Experiment:
                              "in_channels": info["in_channels"], "image_size": info["image_size"]}
         nseg = len(cfg.cuts) + 1
         try:
-            self.placement = (scheme.chain_placement(nseg, roles, cfg.tiers) if cfg.tiers
-                              else scheme.placement(nseg, roles))
+            if cfg.tiers:
+                mem = {h: v["mem_mb"] for h, v in self.limits.items() if "mem_mb" in v}
+                self.placement, self.placement_plan = place_chain(
+                    scheme, nseg, roles, cfg.tiers, mem, self.model_kwargs, cfg.cuts)
+            else:
+                self.placement = scheme.placement(nseg, roles)
         except ValueError as e:
             raise RunFailed(f"scheme {cfg.scheme!r}: {e}") from None
         self.parts = {c: scheme.model_of(c, self.placement, nseg) for c in clients}
@@ -176,7 +181,7 @@ class Experiment:
                                   "limit": cfg.train_limit, "indices": shards[i].tolist()}
         # A client's connection to the server runs through its chain of relays, if any: the
         # client dials the first relay, each relay dials the next as that client.
-        chains = self._chains(roles) if cfg.tiers else {}
+        chains = relays_of(self.topo, roles, cfg.tiers) if cfg.tiers else {}
         paths = [[d, *(chains.get(d, []) if r in roles["server"] else []), r]
                  for d, r in scheme.connections(roles)]
         routers = sorted({h for p in paths for h in p[1:]})
@@ -196,20 +201,6 @@ class Experiment:
                            for c, s in zip(clients, shards, strict=True)}
         return configs
 
-    def _chains(self, roles: dict[str, list[str]]) -> dict[str, list[str]]:
-        """client -> its relays, client side first: at each tier the host of that role
-        nearest (fewest links) to the previous hop, ties to the first name."""
-        g = nx.Graph(list(self.topo.links()))
-        out = {}
-        for c in roles["client"]:
-            prev, hops = c, []
-            for tier in self.cfg.tiers:
-                dist = nx.single_source_shortest_path_length(g, prev)
-                prev = min(roles[tier], key=lambda h, d=dist: (d.get(h, math.inf), h))
-                hops.append(prev)
-            out[c] = hops
-        return out
-
     def _resolved_config(self) -> dict:
         net = self.network
         return {
@@ -218,7 +209,8 @@ class Experiment:
             "capabilities": self.caps.to_dict(),
             "network": net.kind, "hosts": net.describe_hosts(),
             "links": net.link_params(), "not_applied": net.not_applied,
-            "placement": self.placement, "routes": self._routes(),
+            "placement": self.placement, "placement_plan": self.placement_plan,
+            "routes": self._routes(),
             "iters_per_round": self.iters, "model": self.model_kwargs,
             "limits": self.limits, "cycles": self.cycles,
             "shards": self.shard_info,

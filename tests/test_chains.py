@@ -10,8 +10,10 @@ import os
 import pytest
 
 from nodes.models import build_model, segment_output_shape, split_model
+from testbed.chains import segment_bytes
 from testbed.cli import load_topology
 from testbed.config import ConfigError, RunConfig
+from testbed.controller import place_segments
 from testbed.experiment import Experiment, RunFailed
 from testbed.metrics import read_rounds
 
@@ -117,6 +119,26 @@ def test_a_relay_tier_computes_what_the_two_tier_server_would(tmp_path):
     _, flat = run(tmp_path / "flat", loopback=True, evaluate=False, tiers=[])
     assert [r["train_loss"] for r in chain] == pytest.approx(
         [r["train_loss"] for r in flat], rel=1e-4)
+
+
+def test_memory_limits_hand_the_chain_placement_to_the_controller(tmp_path):
+    """With mem_mb declared on a tier, the controller's placement (min-max parameter bytes)
+    replaces the scheme's: here the users take two segments, the edge one, the cloud one."""
+    cuts = ["conv1", "conv2", "fc1"]
+    kwargs = {"name": "smallcnn", "num_classes": 10, "in_channels": 1, "image_size": 8}
+    plan = place_segments(segment_bytes(kwargs, cuts), ["client", "edge", "server"],
+                          {"edge": 64 * 2**20})
+    config, rounds = run(tmp_path, loopback=True, cuts=cuts, mem_mb={"edge": 64},
+                         iters_per_round=30)
+    expected = {h: plan["segments"].get(t, []) for h, t in (
+        ("u1", "client"), ("u2", "client"), ("edge1", "edge"), ("cloud", "server"))}
+    assert config["placement"] == expected
+    assert expected != {"u1": [0], "u2": [0], "edge1": [1], "cloud": [2, 3]}  # the scheme's
+    assert config["placement_plan"]["by_segment"] == plan["by_segment"]
+    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"] * 0.7
+    with pytest.raises(RunFailed, match="do not fit"):
+        run(tmp_path, loopback=True, model="resnet18", cuts=["layer1.1", "layer3.1"],
+            mem_mb={"client": 1, "edge": 1, "server": 1})
 
 
 def test_chains_fail_early_with_the_reason(tmp_path):

@@ -104,7 +104,7 @@ class SplitScheme(Scheme):
         u = self.opts["u_shaped"]
         with ctx.compute():
             ctx.zero_grad()
-            act = ctx.model([0])(x)
+            act = ctx.model([0] if u else None)(x)  # a chain may place more on a client
         tensors = {"act": act.detach()}
         if not u or self.opts["debug_send_labels"]:
             tensors["labels"] = y
