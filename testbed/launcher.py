@@ -214,11 +214,6 @@ def make_launcher(kind: str) -> Launcher:
     raise ValueError(f"launcher {kind!r} is unknown; valid: popen, zygote")
 
 
-def start_node(host: Any, config_path: str, log_path: str) -> NodeProcess:
-    """A node in a fresh interpreter (the simple launch path)."""
-    return PopenLauncher().start(host, config_path, log_path)
-
-
 def stop_all(procs: list[NodeProcess], grace_s: float = 5.0) -> None:
     for p in procs:  # signal all first, so they stop in parallel
         if p.returncode() is None:
