@@ -10,7 +10,6 @@ teardown stops the node processes it started and the Mininet net it built, nothi
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -18,23 +17,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from itertools import pairwise
 from typing import Any
 
-import torch
 import zmq
 from mininet.topo import Topo
 
-from nodes.data import dataset_info, load_dataset, partition
+from nodes.data import load_dataset
 from nodes.protocol import Endpoint
 from nodes.schemes import get_scheme
 from testbed.capabilities import probe
-from testbed.chains import place_chain, relays_of
 from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
+from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
 
 
 class RunFailed(RuntimeError):
@@ -52,36 +49,6 @@ def _delta(now: dict, before: dict) -> dict:
             out[k] = _delta(v, before.get(k, {}))
         elif isinstance(v, (int, float)):
             out[k] = v - before.get(k, 0)
-    return out
-
-
-def host_roles(topo: Topo, overrides: dict[str, str] | None = None) -> dict[str, str | None]:
-    """host -> role: the topology's role= tag, or the run's override (RunConfig.roles)."""
-    hosts = topo.hosts()
-    unknown = sorted(set(overrides or {}) - set(hosts))
-    if unknown:
-        raise RunFailed(f"config field 'roles': no host(s) {unknown} in the topology "
-                        f"(hosts {sorted(hosts)})")
-    return {h: (overrides or {}).get(h, topo.nodeInfo(h).get("role")) for h in hosts}
-
-
-def per_host(topo: Topo, key: str, overrides: dict[str, Any],
-             roles: dict[str, str | None] | None = None) -> dict[str, Any]:
-    """host -> value of host parameter `key`: what the topology declares, overridden by a
-    run-level entry for the host's role (`roles`, default the topology's), overridden by one
-    for the host itself."""
-    hosts = {h: topo.nodeInfo(h) for h in topo.hosts()}
-    roles = roles or host_roles(topo)
-    unknown = sorted(set(overrides) - set(hosts) - set(roles.values()))
-    if unknown:
-        raise RunFailed(f"config field {key!r}: {unknown} is neither a host nor a role of the "
-                        f"topology (hosts {sorted(hosts)}, roles "
-                        f"{sorted({r for r in roles.values() if r})})")
-    out = {}
-    for h, info in hosts.items():
-        v = overrides.get(h, overrides.get(roles[h], info.get(key)))
-        if v is not None:
-            out[h] = v
     return out
 
 
@@ -116,90 +83,33 @@ class Experiment:
         self.controller: Any = None  # testbed.controller.Controller on Mininet networks
         self.placement_plan: dict | None = None  # the controller's, when it placed a chain
         # Device heterogeneity, host -> value (testbed.network.LimitedHost; nodes.context).
-        self.host_roles = host_roles(topo, cfg.roles)
         self.limits: dict[str, dict[str, Any]] = {}
-        for key in ("cpu", "mem_mb"):
-            for h, v in per_host(topo, key, getattr(cfg, key), self.host_roles).items():
-                self.limits.setdefault(h, {})[key] = v
-        self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles, self.host_roles)
+        try:
+            self.host_roles = host_roles(topo, cfg.roles)
+            for key in ("cpu", "mem_mb"):
+                for h, v in per_host(topo, key, getattr(cfg, key), self.host_roles).items():
+                    self.limits.setdefault(h, {})[key] = v
+            self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles,
+                                                     self.host_roles)
+        except PlanError as e:
+            raise RunFailed(str(e)) from None
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _node_configs(self) -> dict[str, Any]:
-        cfg, net, scheme = self.cfg, self.network, self.scheme
-        # Built hosts keep the topology's order (Mininet adds them as topo.hosts() lists them).
-        roles = {r: [h for h, hr in self.host_roles.items() if hr == r]
-                 for r in (*scheme.roles, *cfg.tiers)}
-        missing = [r for r, hosts in roles.items() if not hosts]
-        if missing:
-            raise RunFailed(f"topology {self.topology!r}: scheme {cfg.scheme!r} needs hosts with "
-                            f"role {missing} (roles {list(scheme.roles)}; found {roles})")
-        self.roles, clients = roles, roles["client"]
-        info = dataset_info(cfg.dataset)
-        self.model_kwargs = {"name": cfg.model, "num_classes": info["num_classes"],
-                             "in_channels": info["in_channels"], "image_size": info["image_size"]}
-        nseg = len(cfg.cuts) + 1
+    def _plan(self) -> RunPlan:
         try:
-            if cfg.tiers:
-                mem = {h: v["mem_mb"] for h, v in self.limits.items() if "mem_mb" in v}
-                self.placement, self.placement_plan = place_chain(
-                    scheme, nseg, roles, cfg.tiers, mem, self.model_kwargs, cfg.cuts)
-            else:
-                self.placement = scheme.placement(nseg, roles)
-        except ValueError as e:
-            raise RunFailed(f"scheme {cfg.scheme!r}: {e}") from None
-        self.parts = {c: scheme.model_of(c, self.placement, nseg) for c in clients}
-        train = load_dataset(cfg.dataset, "train", root=cfg.data_root, limit=cfg.train_limit,
-                             seed=cfg.seed)
-        shards = partition(train.y, len(clients), scheme=cfg.partition, alpha=cfg.alpha,
-                           seed=cfg.seed)
-        mean_shard = sum(len(s) for s in shards) / len(shards)
-        self.iters = cfg.iters_per_round or math.ceil(mean_shard / cfg.batch_size)
-        control = f"ipc://{self._ctl_dir}/control"
-        base = {"run": self.run_id, "scheme": cfg.scheme, "scheme_options": cfg.scheme_options,
-                "model": self.model_kwargs, "cuts": cfg.cuts, "roles": roles,
-                "shards": {c: len(s) for c, s in zip(clients, shards, strict=True)},
-                "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
-                "batch_size": cfg.batch_size, "control": control,
-                "step_timeout_s": cfg.step_timeout_s, "start_timeout_s": cfg.start_timeout_s,
-                "threads": 1}
-        compute = {"flops_per_cycle": cfg.flops_per_cycle,
-                   "backward_flops_factor": cfg.backward_flops_factor}
-        configs: dict[str, dict] = {}
-        for role, hosts in roles.items():
-            for name in hosts:
-                if name in configs:
-                    raise RunFailed(f"host {name} has two roles in scheme {cfg.scheme!r}")
-                configs[name] = {**base, "name": name, "role": role,
-                                 "relay": role in cfg.tiers,
-                                 "segments": self.placement.get(name, []), "peers": {},
-                                 "accept": [], "compute": {
-                                     **compute, "cycles_per_s": self.cycles.get(name)},
-                                 "checkpoint": self.run_dir.file("ckpt", f"{name}.pt")}
-        for i, c in enumerate(clients):
-            configs[c]["index"] = i
-            configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
-                                  "limit": cfg.train_limit, "indices": shards[i].tolist()}
-        # A client's connection to the server runs through its chain of relays, if any: the
-        # client dials the first relay, each relay dials the next as that client.
-        chains = relays_of(self.topo, roles, cfg.tiers) if cfg.tiers else {}
-        paths = [[d, *(chains.get(d, []) if r in roles["server"] else []), r]
-                 for d, r in scheme.connections(roles)]
-        routers = sorted({h for p in paths for h in p[1:]})
-        # A port per listening node, so the loopback network can share one address.
-        addr = {r: f"tcp://{net.ip(r)}:{cfg.port + i}" for i, r in enumerate(routers)}
-        self.data_links = list(dict.fromkeys(q for p in paths for q in pairwise(p)))
-        for dealer, *relays, router in paths:
-            configs[dealer]["peers"][router] = addr[(*relays, router)[0]]
-            for a, b in pairwise([*relays, router]):
-                configs[a].setdefault("proxies", {})[dealer] = addr[b]
-            for b in (*relays, router):
-                configs[b]["listen"] = addr[b]
-                configs[b]["accept"].append(dealer)
-        self.shard_info = {c: {"samples": len(s),
-                               "labels": torch.bincount(train.y[torch.as_tensor(s)],
-                                                        minlength=info["num_classes"]).tolist()}
-                           for c, s in zip(clients, shards, strict=True)}
-        return configs
+            plan = plan_run(self.cfg, self.scheme, self.topo, self.host_roles, self.limits,
+                            self.cycles, run_id=self.run_id,
+                            control=f"ipc://{self._ctl_dir}/control", ip=self.network.ip,
+                            checkpoint=lambda h: self.run_dir.file("ckpt", f"{h}.pt"),
+                            topology=self.topology)
+        except PlanError as e:
+            raise RunFailed(str(e)) from None
+        self.plan = plan
+        self.roles, self.placement, self.placement_plan = (plan.roles, plan.placement,
+                                                           plan.placement_plan)
+        self.parts, self.model_kwargs, self.iters = plan.parts, plan.model_kwargs, plan.iters
+        self.data_links, self.shard_info = plan.data_links, plan.shard_info
+        return plan
 
     def _resolved_config(self) -> dict:
         net = self.network
@@ -279,7 +189,7 @@ class Experiment:
             for item in self.network.not_applied:
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
-            self.node_configs = self._node_configs()
+            self.node_configs = self._plan().configs
             if not self.loopback:
                 self._install_routes()
                 if cfg.linkcheck:

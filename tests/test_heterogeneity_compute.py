@@ -13,7 +13,7 @@ from nodes.context import ComputeModel
 from nodes.runtime import build_context
 from testbed.cli import build_parser, config_from_args, load_topology
 from testbed.config import ConfigError, RunConfig
-from testbed.experiment import RunFailed, per_host
+from testbed.plan import PlanError, per_host
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
 B = 16
@@ -88,7 +88,7 @@ def test_run_level_values_override_the_topology_host_first_then_role():
     assert per_host(topo, "cpu", {}) == {"c3": 0.3}
     assert per_host(topo, "cpu", {"client": 0.2, "c1": 0.1}) == {"c1": 0.1, "c2": 0.2,
                                                                   "c3": 0.2}
-    with pytest.raises(RunFailed, match=r"'cycles'.*\['c9'\] is neither a host nor a role"):
+    with pytest.raises(PlanError, match=r"'cycles'.*\['c9'\] is neither a host nor a role"):
         per_host(topo, "cycles", {"c9": 1e9})
 
 
