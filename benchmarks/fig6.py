@@ -33,12 +33,12 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from nodes.data import dataset_info  # noqa: E402
-from nodes.models import build_model, cut_points, unit_stats  # noqa: E402
+from nodes.models import build_model, cut_points  # noqa: E402
 from testbed.cli import load_topology  # noqa: E402
 from testbed.config import RunConfig  # noqa: E402
 from testbed.controller import graph_from_topo  # noqa: E402
 from testbed.experiment import Experiment  # noqa: E402
+from testbed.latency import Client, Path, Profile, Setup, hierarchical  # noqa: E402
 
 HIER = os.path.join(ROOT, "topologies", "hierarchical.py")
 CLEAN = {"loss": 0, "jitter": 0}  # deterministic links: the model has no loss or jitter
@@ -57,39 +57,25 @@ def topology(users: int, cec_ratio: float) -> Any:
 
 def analytic(topo: Any, split: str, model: str, dataset: str, l1: str, l2: str, batch: int,
              eta: float, beta: float = 2.0) -> dict[str, float]:
-    """algorithms.md 11.7 for one iteration of PSL-style parallel users, in seconds."""
-    info = dataset_info(dataset)
-    m = build_model(model, num_classes=info["num_classes"], in_channels=info["in_channels"],
-                    image_size=info["image_size"])
-    stats = unit_stats(m, (info["in_channels"], info["image_size"], info["image_size"]))
-    names = [u.name for u in stats]
-    i1 = names.index(l1) + 1
-    i2 = {"user-edge-cloud": names.index(l2) + 1, "user-edge": len(names),
-          "user-cloud": i1}[split]
-    fwd = [2.0 * u.macs for u in stats]  # FLOPs per sample (11.1)
-    phi = lambda a, b: sum(fwd[a:b])  # noqa: E731 - forward FLOPs of units [a, b)
-    s_a = lambda i: 32.0 * stats[i - 1].out_elems  # noqa: E731 - bits after unit i
-    s_y = 64.0
+    """algorithms.md 11.7 (testbed.latency.hierarchical) for one iteration of PSL-style
+    parallel users on this topology, in seconds: users' access links as declared, the
+    edge-cloud link es1-cs1, cycles/s from each host's `gcycles` tag."""
+    prof = Profile.of(model, dataset)
+    i1 = prof.cut(l1)
+    i2 = {"user-edge-cloud": prof.cut(l2), "user-edge": prof.units, "user-cloud": i1}[split]
     g = graph_from_topo(topo)
     users = [h for h in topo.hosts() if topo.nodeInfo(h).get("tier") == "user"]
     f = {h: topo.nodeInfo(h)["gcycles"] * 1e9 for h in topo.hosts()}
-    n, b = len(users), batch
-    up, down = {}, {}
+
+    def path(a: str, b: str) -> Path:
+        return Path(g.edges[a, b]["bw"] * 1e6, g.edges[a, b]["delay"] / 1e3)
+
+    clients = []
     for u in users:
         (sw,) = g.successors(u)
-        up[u], down[u] = g.edges[u, sw], g.edges[sw, u]
-    ec_up, ec_down = g.edges["es1", "cs1"], g.edges["cs1", "es1"]
-    t_u = max(b * phi(0, i1) / (eta * f[u]) + b * (s_a(i1) + s_y) / (up[u]["bw"] * 1e6)
-              + up[u]["delay"] / 1e3 for u in users)
-    t_d = max(b * s_a(i1) / (down[u]["bw"] * 1e6) + down[u]["delay"] / 1e3
-              + beta * b * phi(0, i1) / (eta * f[u]) for u in users)
-    t_edge = (1 + beta) * n * b * phi(i1, i2) / (eta * f["edge1"])
-    cloud = i2 < len(names)
-    t_ec = (n * b * (s_a(i2) + s_y) / (ec_up["bw"] * 1e6) + ec_up["delay"] / 1e3
-            + n * b * s_a(i2) / (ec_down["bw"] * 1e6) + ec_down["delay"] / 1e3) if cloud else 0.0
-    t_cl = (1 + beta) * n * b * phi(i2, len(names)) / (eta * f["cloud"])
-    return {"users": t_u, "edge": t_edge, "edge_cloud": t_ec, "cloud": t_cl, "down": t_d,
-            "total": t_u + t_edge + t_ec + t_cl + t_d}
+        clients.append(Client(f[u], path(u, sw), path(sw, u)))
+    s = Setup(tuple(clients), f["edge1"], batch=batch, eta=eta, beta=beta)
+    return hierarchical(prof, s, i1, i2, f["cloud"], path("es1", "cs1"), path("cs1", "es1"))
 
 
 def measure(topo: Any, split: str, size: int, a: argparse.Namespace, out_dir: str) -> dict:
