@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MSG_TYPES: frozenset[str] = frozenset(
     {"HELLO", "CTRL", "REPORT", "ERROR", "BYE", "HEARTBEAT", "ACT", "GRAD", "GRAD_BCAST",
-     "ACT2", "GRAD2", "W_UP", "W_DOWN", "LOSS", "EVAL"}
+     "ACT2", "GRAD2", "W_UP", "W_DOWN", "LOSS", "EVAL", "STATE", "STATE_ACK"}
 )
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,

@@ -25,6 +25,7 @@ import zmq
 
 from nodes.context import ComputeModel, NodeContext, count_flops
 from nodes.data import load_dataset
+from nodes.migrate import COMMANDS as MIGRATION
 from nodes.models import build_model, split_model, unit_stats
 from nodes.protocol import Endpoint
 from nodes.schemes import get_scheme
@@ -151,6 +152,9 @@ def run_node(config: dict[str, Any]) -> int:
                 round_fn(ctx, msg.round, int(msg.meta["iters"]))
                 ctx.checkpoint(msg.round)
                 control.send("REPORT", round=msg.round, meta=ctx.round_report())
+            elif cmd in MIGRATION:  # between rounds (nodes.migrate)
+                out = MIGRATION[cmd](ctx, scheme, zctx, {**msg.meta, "round": msg.round})
+                control.send("REPORT", round=msg.round, meta={"cmd": cmd, **out})
             elif cmd == "stop":
                 control.send("BYE", meta={"proto": ctx.proto_stats()})
                 return 0

@@ -84,6 +84,10 @@ class Experiment:
         self.placement_plan: dict | None = None  # the controller's, when it placed a chain
         # Device heterogeneity, host -> value (testbed.network.LimitedHost; nodes.context).
         self.limits: dict[str, dict[str, Any]] = {}
+        # Events and reactions since the last round (testbed.migration), noted in the next
+        # round's record; host -> cell after handovers.
+        self.events: list[dict] = []
+        self.attachment: dict[str, int | None] = {}
         try:
             self.host_roles = host_roles(topo, cfg.roles)
             for key in ("cpu", "mem_mb"):
@@ -143,13 +147,16 @@ class Experiment:
             raise RunFailed(f"node {p.name} exited with code {rc}; last log lines "
                             f"({p.log_path}):\n{p.log_tail()}")
 
-    def _collect(self, mtype: str, rnd: int, timeout_s: float, what: str) -> dict[str, Any]:
-        """Wait for one `mtype` message from every node, watching for errors and deaths."""
+    def _collect(self, mtype: str, rnd: int, timeout_s: float, what: str,
+                 nodes: list[str] | None = None) -> dict[str, Any]:
+        """Wait for one `mtype` message from every node (or from `nodes`), watching for
+        errors and deaths."""
         got: dict[str, Any] = {}
+        want = set(self.procs if nodes is None else nodes)
         deadline = time.monotonic() + timeout_s
-        while len(got) < len(self.procs):
+        while len(got) < len(want):
             if time.monotonic() > deadline:
-                missing = sorted(set(self.procs) - set(got))
+                missing = sorted(want - set(got))
                 raise RunFailed(f"{what}: no {mtype} from {missing} within {timeout_s:.0f}s")
             try:  # recv, not poll+recv(0): an invalid message is dropped and must not crash us
                 sender, msg = self._control.recv(0.2)
@@ -159,7 +166,7 @@ class Experiment:
             if msg.type == "ERROR":
                 raise RunFailed(f"node {sender} failed: {msg.meta.get('error')}\n"
                                 f"{msg.meta.get('traceback', '')}")
-            if msg.type == mtype and msg.round == rnd:
+            if msg.type == mtype and msg.round == rnd and sender in want:
                 got[sender] = msg.meta
         return got
 
@@ -253,6 +260,8 @@ class Experiment:
         rec = {"round": rnd, "time": time.time(), "wall_s": wall, "iters": self.iters,
                "train_loss": sum(r["loss_sum"] for r in reports.values()) / max(loss_n, 1),
                "nodes": nodes, "interfaces": ifaces}
+        if self.events:
+            rec["events"], self.events = self.events, []
         if evaluator:
             ckpts = {n: c["checkpoint"] for n, c in self.node_configs.items()}
             per_client = evaluator.evaluate(ckpts, self.parts)

@@ -79,10 +79,11 @@ def summarize(rounds: list[dict]) -> dict:
         "first_train_loss": rounds[0]["train_loss"],
         "mean_round_s": sum(r["wall_s"] for r in rounds) / len(rounds),
         "total_s": sum(r["wall_s"] for r in rounds),
+        # Every node of any round: a migrated server's node changes mid-run.
         "protocol_bytes_per_node": {
-            n: {"tx": sum(r["nodes"][n]["tx_bytes"] for r in rounds),
-                "rx": sum(r["nodes"][n]["rx_bytes"] for r in rounds)}
-            for n in last["nodes"]},
+            n: {"tx": sum(r["nodes"][n]["tx_bytes"] for r in rounds if n in r["nodes"]),
+                "rx": sum(r["nodes"][n]["rx_bytes"] for r in rounds if n in r["nodes"])}
+            for n in dict.fromkeys(n for r in rounds for n in r["nodes"])},
         "interface_bytes": {
             i: {"tx": sum(r["interfaces"][i]["tx_bytes"] for r in rounds),
                 "rx": sum(r["interfaces"][i]["rx_bytes"] for r in rounds)}

@@ -14,6 +14,18 @@ over backhaul links; the edge server (role "server") sits on it. The whole netwo
 tree, so no routing is needed. The default, one cell of 3 UEs, is the schemes comparison
 topology.
 
+With `edges="per-cell"` every base station has its own edge server e<c> beside it (an
+unshaped link: the edge site is at the base station) instead of the one srv behind agg1; the
+edge of cell `serving` plays role "server", the others "standby" (no process until the model
+migrates there, docs/migration.md). Edge to edge, state crosses two shaped backhaul links
+(bs<i> - agg1 - bs<j>):
+
+    ue1 -- cell1 ==cell== bs1 -- e1 (server)
+                           | backhaul
+                          agg1
+                           | backhaul
+    ue2 -- cell2 ==cell== bs2 -- e2 (standby)
+
 Link parameters are data: `links` maps a link class ("cell", "backhaul") to Mininet link keys
 overriding its preset (testbed.linkmodel.PRESETS), or to {"preset": name, ...}; a dict or a YAML
 file. `resources` maps a role to host parameters (e.g. {"client": {"cpu": 0.2, "mem_mb": 512}}).
@@ -26,12 +38,18 @@ from mininet.topo import Topo
 
 from testbed.topolib import link_kwargs, load
 
+EDGES = ("shared", "per-cell")
 LINKS = {"cell": "cellular", "backhaul": "wireless-backhaul"}  # link class -> default preset
 
 
 class CellularTopo(Topo):
     def build(self, cells: int = 1, ues: int = 3, links: dict | str | None = None,
-              resources: dict | str | None = None, fed: bool = False) -> None:
+              resources: dict | str | None = None, fed: bool = False,
+              edges: str = "shared", serving: int = 1) -> None:
+        if edges not in EDGES:
+            raise ValueError(f"edges={edges!r}: valid: {list(EDGES)}")
+        if edges == "per-cell" and not 1 <= serving <= cells:
+            raise ValueError(f"serving={serving}: expected a cell in 1..{cells}")
         kw, res = link_kwargs(links, LINKS), load(resources)
 
         def host(name: str, role: str, **tags: object) -> str:
@@ -39,7 +57,8 @@ class CellularTopo(Topo):
 
         dpid = iter(range(1, 1 << 16))  # unique datapath ids for Open vSwitch
         agg = self.addSwitch("agg1", dpid=f"{next(dpid):x}")
-        self.addLink(host("srv", "server", tier="edge"), agg)
+        if edges == "shared":
+            self.addLink(host("srv", "server", tier="edge"), agg)
         if fed:
             self.addLink(host("fed", "fedserver", tier="edge"), agg)
         n = 0
@@ -48,6 +67,9 @@ class CellularTopo(Topo):
             bs = self.addSwitch(f"bs{c}", dpid=f"{next(dpid):x}")
             self.addLink(cell, bs, **kw["cell"])  # node1 = the UE side: "up" is the uplink
             self.addLink(bs, agg, **kw["backhaul"])
+            if edges == "per-cell":
+                role = "server" if c == serving else "standby"
+                self.addLink(host(f"e{c}", role, tier="edge", cell=c), bs)
             for _ in range(ues):
                 n += 1
                 self.addLink(host(f"ue{n}", "client", tier="user", cell=c), cell)
