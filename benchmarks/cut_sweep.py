@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Cut-layer sweep: the latency model (testbed.latency, algorithms.md 11) against emulated runs.
+
+For a topology (default topologies/cellular.py: 3 UEs sharing one cell) and a scheme (default
+PSL), every cut point of the model is run over Mininet and its measured time per iteration set
+beside the model's prediction. Compute is modelled (each host's cycles/s, --eta FLOPs/cycle;
+nodes pad every compute block to FLOPs / (eta f)), links are the topology's, made
+deterministic (no jitter, no loss) unless --keep-link-noise. Sharing modes of a shared cell:
+
+    static     each UE capped at an equal share of the cell on its own access link: the
+               per-client rates R_i of 6.3 (the model's own assumption);
+    allocated  the resource manager's shares for that cut (testbed.resources, 6.4), applied
+               to the access links with set_link once the network runs;
+    shared     no per-UE cap: the UEs' TCP flows share the cell link's one queue, a client's
+               idle share going to whoever transmits (on-demand); predicted by the
+               work-conserving fluid model (resources.on_demand).
+
+Measured time per iteration comes from two timed rounds of different length after a warm-up
+round (slope = (wall_long - wall_short) / (long - short)); the intercept is the fixed cost of
+a round (control messages, reports, checkpoints), reported apart. Writes sweep.json,
+sweep.csv and sweep.md (with the median relative error) to --out.
+
+    sudo flock /tmp/sledge-mininet.lock .venv/bin/python benchmarks/cut_sweep.py \\
+        [--topology topologies/cellular.py] [-p ues=3] [--scheme psl] [--modes static shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from testbed.cli import load_topology, parse_params  # noqa: E402
+from testbed.compare import seed_speeds  # noqa: E402
+from testbed.config import RunConfig  # noqa: E402
+from testbed.experiment import Experiment  # noqa: E402
+from testbed.latency import Profile, network_of, predict  # noqa: E402
+from testbed.plan import host_roles, per_host  # noqa: E402
+from testbed.resources import Manager, apply, on_demand, shape_access_links  # noqa: E402
+
+MODES = ("static", "allocated", "shared")
+
+
+def clean_links(topo: Any) -> Any:
+    """Drop every link's jitter and loss (the model has neither), in place."""
+    for _, _, info in topo.links(withInfo=True):
+        for k in [k for k in info if k.split("_")[0] in ("jitter", "loss")]:
+            del info[k]
+    return topo
+
+
+def timed_run(topo: Any, cfg: dict[str, Any], iters: tuple[int, int],
+              on_start: Callable[[Experiment], None] | None = None) -> dict[str, Any]:
+    """Three rounds (warm-up, `iters[0]`, `iters[1]` iterations); seconds per iteration from
+    the last two, and the fixed cost of a round."""
+    short, long_ = iters
+
+    def next_round(exp: Experiment, rnd: int) -> None:
+        exp.iters = long_ if rnd == 2 else short
+
+    conf = RunConfig.from_dict({**cfg, "rounds": 3, "iters_per_round": short})
+    exp = Experiment(conf, topo, on_round=next_round, on_start=on_start)
+    exp.run()
+    w = [r["wall_s"] for r in exp.rounds]
+    per = (w[2] - w[1]) / (long_ - short)
+    clients = exp.roles["client"]
+    last = exp.rounds[2]["nodes"]
+    padded = all(last[c]["compute_modelled_s"] >= last[c]["compute_measured_s"]
+                 for c in clients if "compute_modelled_s" in last[c])
+    return {"per_iter_s": per, "round_fixed_s": w[1] - short * per, "walls_s": w,
+            "naive_per_iter_s": w[2] / long_, "compute_padded": padded,
+            "client_compute_s": max(last[c]["compute_s"] for c in clients) / long_,
+            "run_dir": str(exp.run_dir.path)}
+
+
+def no_slow_start_after_idle(exp: Experiment) -> None:
+    for h in exp.network.net.hosts:
+        if h.params.get("role") != "relay":
+            h.cmd("sysctl -qw net.ipv4.tcp_slow_start_after_idle=0")
+
+
+def sweep_one(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str, Any]:
+    params = parse_params(a.topo_param, "-p")
+    topo, _ = load_topology(a.topology, None, params)
+    if not a.keep_link_noise:
+        clean_links(topo)
+    roles = host_roles(topo)
+    clients = [h for h, r in roles.items() if r == "client"]
+    (server,) = [h for h, r in roles.items() if r == "server"]
+    cycles = per_host(topo, "cycles", {**seed_speeds(topo), **parse_params(a.cycles, "--cycles")},
+                      roles)
+    prof = Profile.of(a.model, a.dataset)
+    net = network_of(topo, clients, server)
+    opts = parse_params(a.scheme_option, "-o")
+    man = Manager(net, prof, cycles, batch=a.batch, eta=a.eta, phi=float(opts.get("phi", 0)))
+    hooks: list[Callable[[Experiment], None]] = []
+    if mode == "shared":
+        # The narrowest hop the clients share, each way (the cell).
+        up_hop, down_hop = (min((h for h in man.shared if h in getattr(net.routes[clients[0]], d)),
+                                key=net.capacity.get) for d in ("up", "down"))
+        pred = on_demand(man, cut, up_hop, down_hop)
+    else:
+        shares = man.best_shares(cut)[1] if mode == "allocated" else None
+        pred = predict(a.scheme, opts, prof, man.setup(shares), [cut])
+        up, down = net.paths(shares)
+        rates = {c: (u.rate_bps, d.rate_bps) for c, u, d in zip(clients, up, down, strict=True)}
+        if mode == "static":
+            shape_access_links(topo, clients, rates)
+        else:  # declared at the full cell rate, set to the allocation at run time
+            fu, fd = net.paths({h: dict.fromkeys(u, 1.0) for h, u in man.shared.items()})
+            shape_access_links(topo, clients, {c: (u.rate_bps, d.rate_bps) for c, u, d
+                                               in zip(clients, fu, fd, strict=True)})
+            hooks.append(lambda exp: apply(exp.network, topo, rates))
+    if not a.slow_start_after_idle:
+        hooks.append(no_slow_start_after_idle)
+    cfg = dict(name=f"sweep-{cut}-{mode}", scheme=a.scheme, scheme_options=opts,
+               dataset=a.dataset, model=a.model, batch_size=a.batch, train_limit=a.train_limit,
+               test_limit=100, evaluate=False, cuts=[cut], cycles=cycles, flops_per_cycle=a.eta,
+               launcher=a.launcher, out_dir=runs)
+    got = timed_run(topo, cfg, tuple(a.iters),
+                    on_start=lambda exp: [h(exp) for h in hooks])
+    err = got["per_iter_s"] / pred["total"] - 1
+    return {"cut": cut, "mode": mode, "predicted_s": pred["total"],
+            "predicted": {k: round(v, 6) for k, v in pred.items()}, **got, "rel_err": err}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| cut | sharing | predicted (s/it) | measured (s/it) | error | fixed per round (s) "
+             "| padded |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['cut']} | {r['mode']} | {r['predicted_s']:.3f} | {r['per_iter_s']:.3f} | "
+              f"{100 * r['rel_err']:+.1f} % | {r['round_fixed_s']:.3f} | "
+              f"{'yes' if r['compute_padded'] else 'NO'} |" for r in rows]
+    med = statistics.median(abs(r["rel_err"]) for r in rows)
+    return "\n".join(lines) + f"\n\nMedian |relative error|: {100 * med:.1f} %\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--topology", default=os.path.join(ROOT, "topologies", "cellular.py"))
+    p.add_argument("-p", "--topo-param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--scheme", default="psl", choices=["psl", "epsl", "sflv1", "sflv2", "sl"])
+    p.add_argument("-o", "--scheme-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model", default="smallcnn")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--cuts", nargs="+", help="default: every cut point")
+    p.add_argument("--modes", nargs="+", default=["static", "shared"], choices=MODES)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--eta", type=float, default=16.0, help="FLOPs per cycle (11.2)")
+    p.add_argument("--cycles", action="append", default=[], metavar="HOST=CYCLES",
+                   help="over the seed's speeds (clients 0.1-0.5 GHz, servers 7 GHz)")
+    p.add_argument("--iters", type=int, nargs=2, default=[2, 6], metavar=("SHORT", "LONG"))
+    p.add_argument("--train-limit", type=int, default=960)
+    p.add_argument("--launcher", default="popen", choices=["popen", "zygote"])
+    p.add_argument("--keep-link-noise", action="store_true",
+                   help="keep the presets' jitter and loss (default: none, as the model has)")
+    p.add_argument("--slow-start-after-idle", action="store_true",
+                   help="keep Linux's default TCP cwnd reset after an idle RTO")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cut_sweep"))
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    cuts = a.cuts or list(Profile.of(a.model, a.dataset).names[:-1])
+    rows = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sweep-") as runs:
+        for cut in cuts:
+            for mode in a.modes:
+                rows.append(sweep_one(a, cut, mode, runs))
+                r = rows[-1]
+                print(f"{cut:>8} {mode:<9} predicted {r['predicted_s']:.3f} s/it  measured "
+                      f"{r['per_iter_s']:.3f} s/it ({100 * r['rel_err']:+.1f} %), fixed "
+                      f"{r['round_fixed_s']:.3f} s/round", flush=True)
+    with open(os.path.join(a.out, "sweep.json"), "w") as fh:
+        json.dump({"args": vars(a), "took_s": time.perf_counter() - t0, "rows": rows}, fh,
+                  indent=1)
+    cols = ["cut", "mode", "predicted_s", "per_iter_s", "rel_err", "round_fixed_s",
+            "naive_per_iter_s", "client_compute_s", "compute_padded"]
+    with open(os.path.join(a.out, "sweep.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    md = table(rows)
+    with open(os.path.join(a.out, "sweep.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+    print(f"results: {a.out}")
+
+
+if __name__ == "__main__":
+    main()
