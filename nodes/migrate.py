@@ -114,12 +114,26 @@ def unpack_into(ctx: NodeContext, tensors: Tensors, meta: dict[str, Any]) -> Non
                                  f"has no optimizer here")
         opt[seg]["param_groups"].append(meta["groups"][key])
     for i, sd in weights.items():
-        try:
-            ctx.segments[i].load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise MigrationError(f"node {ctx.name}: STATE weights of segment {i}: {e}") from None
+        load_weights(ctx.segments[i], sd, f"node {ctx.name}: STATE weights of segment {i}")
     for i, sd in opt.items():
         ctx.optimizers[i].load_state_dict(sd)
+
+
+def load_weights(seg: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `sd` into the segment's own tensors, key for key and shape for shape. Not
+    load_state_dict: it cannot load segments whose unit names hold dots (resnet18's
+    "layer1.0"), which look like nested modules to it."""
+    own = seg.state_dict()
+    if own.keys() != sd.keys():
+        raise MigrationError(f"{what}: keys differ: missing {sorted(own.keys() - sd.keys())[:5]}"
+                             f", unexpected {sorted(sd.keys() - own.keys())[:5]}")
+    for k, t in own.items():
+        if t.shape != sd[k].shape or t.dtype != sd[k].dtype:
+            raise MigrationError(f"{what}: {k!r} is {sd[k].dtype} {list(sd[k].shape)}, "
+                                 f"this node's is {t.dtype} {list(t.shape)}")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(sd[k])
 
 
 def migratable(ctx: NodeContext, scheme: Any) -> None:

@@ -85,3 +85,21 @@ def test_per_cell_topology_and_serving_policy():
         migration.serving_edge(exp, follow="e1")
     with pytest.raises(ValueError, match="edges='x'"):
         load_topology(os.path.join(ROOT, "topologies", "cellular.py"), params={"edges": "x"})
+
+
+def test_segments_with_dotted_unit_names_and_buffers_load():
+    """resnet18's units are named like "layer1.0", which load_state_dict cannot load; its
+    BatchNorm buffers (running stats, num_batches_tracked) move with the weights."""
+    def ctx(seed: int) -> NodeContext:
+        model = build_model("resnet18", in_channels=1, image_size=8, num_classes=10, seed=seed)
+        seg = split_model(model, ["layer4.0"])[1]
+        seg(torch.randn(4, 512, 1, 1))  # train mode: running stats move
+        opt = torch.optim.SGD(seg.parameters(), lr=0.05, momentum=0.9)
+        return NodeContext(name="e", role="server", run="r", segments={1: seg},
+                           optimizers={1: opt}, roles={})
+
+    old, new = ctx(1), ctx(2)
+    msg = over_the_wire(old)
+    assert any(n.endswith("running_mean") for n in msg.tensors)
+    unpack_into(new, msg.tensors, msg.meta)
+    assert state_hash(*pack_context(new)) == state_hash(*pack_context(old))
