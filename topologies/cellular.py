@@ -29,6 +29,9 @@ migrates there, docs/migration.md). Edge to edge, state crosses two shaped backh
 Link parameters are data: `links` maps a link class ("cell", "backhaul") to Mininet link keys
 overriding its preset (testbed.linkmodel.PRESETS), or to {"preset": name, ...}; a dict or a YAML
 file. `resources` maps a role to host parameters (e.g. {"client": {"cpu": 0.2, "mem_mb": 512}}).
+Base station bs<c> is tagged with its cell, its position ((c - 1) * spacing, 0) in metres and
+the node its radio link starts from (cell<c>): scenarios move UEs against them
+(testbed.mobility, docs/scenarios.md).
 
     sledge run topologies/cellular.py -p ues=5 -p "links={'cell': {'bw_up': 20}}"
 """
@@ -45,7 +48,7 @@ LINKS = {"cell": "cellular", "backhaul": "wireless-backhaul"}  # link class -> d
 class CellularTopo(Topo):
     def build(self, cells: int = 1, ues: int = 3, links: dict | str | None = None,
               resources: dict | str | None = None, fed: bool = False,
-              edges: str = "shared", serving: int = 1) -> None:
+              edges: str = "shared", serving: int = 1, spacing: float = 1000.0) -> None:
         if edges not in EDGES:
             raise ValueError(f"edges={edges!r}: valid: {list(EDGES)}")
         if edges == "per-cell" and not 1 <= serving <= cells:
@@ -53,7 +56,9 @@ class CellularTopo(Topo):
         kw, res = link_kwargs(links, LINKS), load(resources)
 
         def host(name: str, role: str, **tags: object) -> str:
-            return self.addHost(name, role=role, **{**tags, **res.get(role, {})})
+            # A standby edge may become the server: it gets the server's resources.
+            own = res.get(role, res.get("server", {}) if role == "standby" else {})
+            return self.addHost(name, role=role, **{**tags, **own})
 
         dpid = iter(range(1, 1 << 16))  # unique datapath ids for Open vSwitch
         agg = self.addSwitch("agg1", dpid=f"{next(dpid):x}")
@@ -64,7 +69,9 @@ class CellularTopo(Topo):
         n = 0
         for c in range(1, cells + 1):
             cell = self.addSwitch(f"cell{c}", dpid=f"{next(dpid):x}")
-            bs = self.addSwitch(f"bs{c}", dpid=f"{next(dpid):x}")
+            # Base stations on a line, `spacing` metres apart (testbed.mobility reads the tags).
+            bs = self.addSwitch(f"bs{c}", dpid=f"{next(dpid):x}", bs=True, cell=c,
+                                pos=((c - 1) * spacing, 0.0), access=f"cell{c}")
             self.addLink(cell, bs, **kw["cell"])  # node1 = the UE side: "up" is the uplink
             self.addLink(bs, agg, **kw["backhaul"])
             if edges == "per-cell":
