@@ -107,6 +107,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", default=d.launcher, choices=["popen", "zygote"],
                    help="popen: an interpreter per node; zygote: nodes forked from a warm process")
     p.add_argument("--link-backend", default=d.link_backend, choices=["auto", "netem", "relay"])
+    p.add_argument("--scenario", metavar="FILE",
+                   help="scenario timeline (YAML): moves, handovers, link changes and failures "
+                        "during the run, e.g. scenarios/mesh_link_cut.yaml (docs/scenarios.md)")
     p.add_argument("--linkcheck", action="store_true",
                    help="measure every path (ping, iperf3) before training; stored with the run")
     p.add_argument("--loopback", action="store_true",

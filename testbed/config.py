@@ -47,6 +47,7 @@ class RunConfig:
     launcher: str = "popen"       # "popen": an interpreter per node; "zygote": forked, warm
     link_backend: str = "auto"    # "auto": netem where the kernel has it, else "relay"
     linkcheck: bool = False       # measure every path before training, store linkcheck.json
+    scenario: str | None = None   # a scenario timeline, YAML (testbed.scenario)
     # Controller routes on Mininet networks (testbed.controller): between the scheme's
     # (dealer, router) pairs, between all hosts, or none (the topology's L2 reachability).
     routes: str = "scheme"
@@ -108,6 +109,8 @@ class RunConfig:
         need(isinstance(self.scheme_options, dict), "scheme_options", "expected a mapping")
         need(self.port < 65536, "port", "expected a TCP port")
         need(self.launcher in ("popen", "zygote"), "launcher", "expected 'popen' or 'zygote'")
+        need(self.scenario is None or (isinstance(self.scenario, str) and bool(self.scenario)),
+             "scenario", "expected the path of a scenario YAML file or null")
         need(self.link_backend in ("auto", "netem", "relay"), "link_backend",
              "expected 'auto', 'netem' or 'relay'")
         need(self.routes in ("scheme", "all", "off"), "routes",

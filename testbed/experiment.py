@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -32,6 +33,7 @@ from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
+from testbed.scenario import REACTIONS, Scenario, ScenarioError, ScenarioRunner, link_ops
 
 
 class RunFailed(RuntimeError):
@@ -57,6 +59,7 @@ class Experiment:
                  on_round: Callable[[Experiment, int], None] | None = None,
                  on_start: Callable[[Experiment], None] | None = None,
                  on_ready: Callable[[Experiment], None] | None = None,
+                 scenario: Scenario | None = None,
                  loopback: bool = False) -> None:
         """on_start(exp): called once the network is up, before any node starts (e.g. to
         start a packet capture); on_ready(exp): every node is up and idle, before round 1;
@@ -88,6 +91,16 @@ class Experiment:
         # round's record; host -> cell after handovers.
         self.events: list[dict] = []
         self.attachment: dict[str, int | None] = {}
+        # A scenario timeline (testbed.scenario, docs/scenarios.md): its events run one at a
+        # time under event_lock, round-triggered ones here, time-triggered ones on a timer
+        # thread; `reactions` (kind -> fn) starts as a copy of testbed.scenario.REACTIONS.
+        self.event_lock = threading.RLock()
+        self.reactions = dict(REACTIONS)
+        self.scenario_runner: ScenarioRunner | None = None
+        try:
+            self.scenario = scenario or (Scenario.load(cfg.scenario) if cfg.scenario else None)
+        except ScenarioError as e:
+            raise RunFailed(str(e)) from None
         try:
             self.host_roles = host_roles(topo, cfg.roles)
             for key in ("cpu", "mem_mb"):
@@ -125,6 +138,7 @@ class Experiment:
             "links": net.link_params(), "not_applied": net.not_applied,
             "placement": self.placement, "placement_plan": self.placement_plan,
             "routes": self._routes(),
+            "scenario": self.scenario.to_dict() if self.scenario else None,
             "iters_per_round": self.iters, "model": self.model_kwargs,
             "limits": self.limits, "cycles": self.cycles,
             "shards": self.shard_info,
@@ -135,6 +149,7 @@ class Experiment:
 
     # -- control --------------------------------------------------------------------------------
     def _fail_if_dead(self) -> None:
+        self._scenario_check()
         for p in self.procs.values():
             rc = p.returncode()
             if rc is None:
@@ -183,6 +198,7 @@ class Experiment:
         for line in self.caps.describe():
             console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
         try:
+            self._scenario_validate()
             self._ctl_dir = tempfile.mkdtemp(prefix="sledge-")
             if self.loopback:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1")
@@ -224,13 +240,17 @@ class Experiment:
             if self.on_ready:
                 self.on_ready(self)
             for rnd in range(1, cfg.rounds + 1):
+                self._scenario_step("before_round", rnd)
                 self._round(rnd, evaluator)
+                self._scenario_step("after_round", rnd)
+            self._scenario_finish()
             self._broadcast(0, cmd="stop")
             self._collect("BYE", 0, 60, "shutdown")
             for p in self.procs.values():
                 p.wait(30)
-            summary = summarize(self.rounds)
+            summary = summarize(self.rounds, planned=cfg.rounds)
             self.run_dir.write_json("summary.json", summary)
+            self._plot()
             print_summary(summary, str(self.run_dir.path))
             return summary
         except KeyboardInterrupt:
@@ -260,8 +280,9 @@ class Experiment:
         rec = {"round": rnd, "time": time.time(), "wall_s": wall, "iters": self.iters,
                "train_loss": sum(r["loss_sum"] for r in reports.values()) / max(loss_n, 1),
                "nodes": nodes, "interfaces": ifaces}
-        if self.events:
-            rec["events"], self.events = self.events, []
+        with self.event_lock:  # the scenario timer may be adding one
+            if self.events:
+                rec["events"], self.events = self.events, []
         if evaluator:
             ckpts = {n: c["checkpoint"] for n, c in self.node_configs.items()}
             per_client = evaluator.evaluate(ckpts, self.parts)
@@ -272,6 +293,73 @@ class Experiment:
         console.print(round_line(rec, self.cfg.rounds))
         if self.on_round:
             self.on_round(self, rnd)
+
+    # -- scenario (testbed.scenario, docs/scenarios.md) -----------------------------------------
+    def _scenario_validate(self) -> None:
+        """Before anything is built: the timeline's hosts, links, rounds and reactions."""
+        if self.scenario is not None:
+            try:
+                self.scenario.check(self.topo, self.reactions, self.cfg.rounds)
+            except ScenarioError as e:
+                raise RunFailed(f"scenario {self.scenario.name}: {e}") from None
+
+    def _scenario_check(self) -> None:
+        """Raise here, on the main thread, what failed on the scenario's timer thread."""
+        if self.scenario_runner is not None:
+            try:
+                self.scenario_runner.check()
+            except RunFailed:
+                raise
+            except Exception as e:
+                raise RunFailed(f"scenario {self.scenario.name}: {e}") from e
+
+    def _scenario_step(self, phase: str, rnd: int) -> None:
+        """The events of a round boundary; the timer (`at` triggers) starts with round 1."""
+        if self.scenario is None:
+            return
+        try:
+            if self.scenario_runner is None:
+                self.scenario_runner = self._make_scenario_runner()
+            runner = self.scenario_runner
+            if phase == "before_round":
+                runner.before_round(rnd)
+                if not runner.started:
+                    runner.start_timer()
+            else:
+                runner.after_round(rnd)
+        except RunFailed:
+            raise
+        except Exception as e:
+            raise RunFailed(f"scenario {self.scenario.name}, {phase} {rnd}: {e}") from e
+
+    def _scenario_finish(self) -> None:
+        if self.scenario_runner is not None:
+            self.scenario_runner.finish()
+            self._scenario_check()
+
+    def _make_scenario_runner(self) -> ScenarioRunner:
+        return ScenarioRunner(
+            self.scenario, self.topo, link_ops(self.network, self.topo, self.controller),
+            seed=self.cfg.seed, reactions=self.reactions,
+            exp=self, log=self.log_event, lock=self.event_lock,
+            cells=lambda h: self.attachment.get(h, self.topo.nodeInfo(h).get("cell")))
+
+    def log_event(self, rec: dict[str, Any]) -> None:
+        """An event, reaction or link state: events.jsonl, and (except position samples)
+        the record of the round it happens in (or the next one, between rounds)."""
+        rec = {**rec, "time": time.time()}
+        with self.event_lock:
+            if rec.get("kind") != "position":
+                self.events.append(rec)
+            self.run_dir.append("events.jsonl", rec)
+
+    def _plot(self) -> None:
+        from testbed.metrics import plot_rounds
+
+        try:
+            plot_rounds(self.run_dir.path)
+        except Exception as e:  # a plot must not fail a finished run
+            console.print(f"[yellow]rounds.png not written: {e}")
 
     def _install_routes(self) -> None:
         """The controller's host routes, before any node starts: between the hosts that talk
@@ -309,6 +397,8 @@ class Experiment:
             console.print(f"[yellow]linkcheck: outside tolerance: {', '.join(bad)}")
 
     def _teardown(self) -> None:
+        if self.scenario_runner is not None:  # no link change while the network goes
+            self.scenario_runner.stop(log=False)
         stop_all(list(self.procs.values()))
         if self.launcher:
             with suppress(Exception):

@@ -70,10 +70,16 @@ def round_line(rec: dict, total: int) -> str:
             f"time {rec['wall_s']:.2f}s  protocol tx {fmt_bytes(tx)}")
 
 
-def summarize(rounds: list[dict]) -> dict:
+def summarize(rounds: list[dict], planned: int | None = None) -> dict:
+    """rounds_lost: planned rounds that never completed; rounds_redone: rounds that completed
+    after a redo (attempts > 1). Definitions: docs/scenarios.md."""
     last = rounds[-1]
+    done = {r["round"] for r in rounds}
     return {
         "rounds": len(rounds),
+        "rounds_lost": 0 if planned is None else sum(1 for r in range(1, planned + 1)
+                                                      if r not in done),
+        "rounds_redone": sum(1 for r in rounds if r.get("attempts", 1) > 1),
         "final_test_acc": last.get("test_acc"),
         "final_train_loss": last["train_loss"],
         "first_train_loss": rounds[0]["train_loss"],
@@ -104,4 +110,54 @@ def print_summary(summary: dict, path: str) -> None:
         f"rounds {summary['rounds']}  mean round time {summary['mean_round_s']:.2f}s  "
         f"train loss {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f}"
         + (f"  test accuracy {acc * 100:.2f}%" if acc is not None else ""))
+    if summary.get("rounds_lost") is not None:
+        console.print(f"rounds lost {summary['rounds_lost']}  redone "
+                      f"{summary.get('rounds_redone', 0)}")
     console.print(f"results: {path}")
+
+
+def read_events(run_path: str | os.PathLike) -> list[dict]:
+    p = Path(run_path) / "events.jsonl"
+    if not p.exists():
+        return []
+    with open(p) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# Event records too frequent or too detailed to mark on a plot (they are in events.jsonl).
+UNMARKED = ("link_state", "position", "reaction", "skipped")
+
+
+def plot_rounds(run_path: str | os.PathLike) -> Path:
+    """rounds.png: each round's latency as a bar over the time it ran (seconds since round 1
+    started), and every event of events.jsonl as a vertical line where it happened."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = read_rounds(run_path)
+    t0 = min(r["time"] - r["wall_s"] for r in rounds)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar([r["time"] - r["wall_s"] - t0 for r in rounds], [r["wall_s"] for r in rounds],
+           width=[r["wall_s"] for r in rounds], align="edge", alpha=0.6,
+           edgecolor="black", label="round latency")
+    for r in rounds:
+        ax.annotate(str(r["round"]), (r["time"] - r["wall_s"] / 2 - t0, r["wall_s"]),
+                    ha="center", va="bottom", fontsize="small")
+    marked = [e for e in read_events(run_path) if e.get("kind") not in UNMARKED]
+    top = max(r["wall_s"] for r in rounds) * 1.25
+    for i, e in enumerate(marked):
+        x = e["time"] - t0
+        label = e.get("type", e.get("kind", "?"))
+        ax.axvline(x, color=f"C{1 + i % 9}", linestyle="--", linewidth=1)
+        ax.text(x, top * (0.98 - 0.07 * (i % 4)), f" {label}", rotation=0, fontsize="x-small",
+                va="top", color=f"C{1 + i % 9}")
+    ax.set(xlabel="seconds since round 1 started", ylabel="round latency (s)", ylim=(0, top),
+           title=f"{Path(run_path).name}: per-round latency and events")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    out = Path(run_path) / "rounds.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
