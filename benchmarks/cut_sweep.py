@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 from testbed.cli import load_topology, parse_params  # noqa: E402
 from testbed.compare import seed_speeds  # noqa: E402
 from testbed.config import RunConfig  # noqa: E402
-from testbed.experiment import Experiment  # noqa: E402
+from testbed.experiment import Experiment, RunFailed  # noqa: E402
 from testbed.latency import Profile, network_of, predict  # noqa: E402
 from testbed.plan import host_roles, per_host  # noqa: E402
 from testbed.resources import Manager, apply, on_demand, shape_access_links  # noqa: E402
@@ -72,14 +72,27 @@ def timed_run(topo: Any, cfg: dict[str, Any], iters: tuple[int, int],
     exp = Experiment(conf, topo, on_round=next_round, on_start=on_start)
     exp.run()
     w = [r["wall_s"] for r in exp.rounds]
-    per = (w[2] - w[1]) / (long_ - short)
-    clients = exp.roles["client"]
-    last = exp.rounds[2]["nodes"]
-    padded = all(last[c]["compute_modelled_s"] >= last[c]["compute_measured_s"]
-                 for c in clients if "compute_modelled_s" in last[c])
+    k = long_ - short
+    per = (w[2] - w[1]) / k
+    clients, nodes = exp.roles["client"], [r["nodes"] for r in exp.rounds]
+
+    def slope(node: str, key: str) -> float:
+        return (nodes[2][node].get(key, 0.0) - nodes[1][node].get(key, 0.0)) / k
+
+    # Compute the CPU took beyond the model (blocks the padding could not stretch).
+    excess = {n: slope(n, "compute_s") - slope(n, "compute_modelled_s") for n in nodes[2]}
+    wire = {n: (sum(v["tx_bytes"] for i, v in exp.rounds[2]["interfaces"].items()
+                    if i.rsplit("-eth", 1)[0] == n)
+                - sum(v["tx_bytes"] for i, v in exp.rounds[1]["interfaces"].items()
+                      if i.rsplit("-eth", 1)[0] == n)) * 8 / k for n in nodes[2]}
+    proto = {n: slope(n, "tx_bytes") * 8 for n in nodes[2]}
     return {"per_iter_s": per, "round_fixed_s": w[1] - short * per, "walls_s": w,
-            "naive_per_iter_s": w[2] / long_, "compute_padded": padded,
-            "client_compute_s": max(last[c]["compute_s"] for c in clients) / long_,
+            "naive_per_iter_s": w[2] / long_,
+            "client_compute_excess_s": max(excess[c] for c in clients),
+            "other_compute_excess_s": sum(v for n, v in excess.items() if n not in clients),
+            "client_wire_bits": {c: wire[c] for c in clients},
+            "client_proto_bits": {c: proto[c] for c in clients},
+            "server_wire_bits": sum(v for n, v in wire.items() if n not in clients),
             "run_dir": str(exp.run_dir.path)}
 
 
@@ -89,7 +102,9 @@ def no_slow_start_after_idle(exp: Experiment) -> None:
             h.cmd("sysctl -qw net.ipv4.tcp_slow_start_after_idle=0")
 
 
-def sweep_one(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str, Any]:
+def plan(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str, Any]:
+    """The topology to build (per-UE links shaped as `mode` needs), the prediction, the
+    run's config and what to do once the network is up."""
     params = parse_params(a.topo_param, "-p")
     topo, _ = load_topology(a.topology, None, params)
     if not a.keep_link_noise:
@@ -105,10 +120,9 @@ def sweep_one(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str
     man = Manager(net, prof, cycles, batch=a.batch, eta=a.eta, phi=float(opts.get("phi", 0)))
     hooks: list[Callable[[Experiment], None]] = []
     if mode == "shared":
-        # The narrowest hop the clients share, each way (the cell).
-        up_hop, down_hop = (min((h for h in man.shared if h in getattr(net.routes[clients[0]], d)),
-                                key=net.capacity.get) for d in ("up", "down"))
-        pred = on_demand(man, cut, up_hop, down_hop)
+        if a.scheme not in ("psl", "epsl"):
+            raise SystemExit(f"--modes shared: the on-demand model is PSL/EPSL's, not {a.scheme}")
+        pred = on_demand(man, cut, *man.cell_hops())
     else:
         shares = man.best_shares(cut)[1] if mode == "allocated" else None
         pred = predict(a.scheme, opts, prof, man.setup(shares), [cut])
@@ -117,9 +131,7 @@ def sweep_one(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str
         if mode == "static":
             shape_access_links(topo, clients, rates)
         else:  # declared at the full cell rate, set to the allocation at run time
-            fu, fd = net.paths({h: dict.fromkeys(u, 1.0) for h, u in man.shared.items()})
-            shape_access_links(topo, clients, {c: (u.rate_bps, d.rate_bps) for c, u, d
-                                               in zip(clients, fu, fd, strict=True)})
+            shape_access_links(topo, clients, man.full_rates())
             hooks.append(lambda exp: apply(exp.network, topo, rates))
     if not a.slow_start_after_idle:
         hooks.append(no_slow_start_after_idle)
@@ -127,19 +139,45 @@ def sweep_one(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str
                dataset=a.dataset, model=a.model, batch_size=a.batch, train_limit=a.train_limit,
                test_limit=100, evaluate=False, cuts=[cut], cycles=cycles, flops_per_cycle=a.eta,
                launcher=a.launcher, out_dir=runs)
-    got = timed_run(topo, cfg, tuple(a.iters),
+    return {"topo": topo, "pred": pred, "cfg": cfg, "hooks": hooks, "profile": prof,
+            "manager": man}
+
+
+def sweep_one(a: argparse.Namespace, cut: str, mode: str, runs: str) -> dict[str, Any]:
+    pl = plan(a, cut, mode, runs)
+    pred, prof, hooks = pl["pred"], pl["profile"], pl["hooks"]
+    got = timed_run(pl["topo"], pl["cfg"], tuple(a.iters),
                     on_start=lambda exp: [h(exp) for h in hooks])
     err = got["per_iter_s"] / pred["total"] - 1
+    model_up = a.batch * (prof.act_bits(prof.cut(cut)) + 64)  # b (S_a + S_y), 6.3
+    got["wire_overhead_up"] = statistics.mean(got["client_wire_bits"].values()) / model_up - 1
+    got["proto_overhead_up"] = statistics.mean(got["client_proto_bits"].values()) / model_up - 1
     return {"cut": cut, "mode": mode, "predicted_s": pred["total"],
             "predicted": {k: round(v, 6) for k, v in pred.items()}, **got, "rel_err": err}
 
 
+def write(out: str, result: dict[str, Any]) -> None:
+    """sweep.json and sweep.csv, rewritten after every run."""
+    with open(os.path.join(out, "sweep.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    cols = ["cut", "mode", "predicted_s", "per_iter_s", "rel_err", "round_fixed_s",
+            "naive_per_iter_s", "client_compute_excess_s", "other_compute_excess_s",
+            "proto_overhead_up", "wire_overhead_up"]
+    with open(os.path.join(out, "sweep.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(result["rows"])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| cut | sharing | predicted (s/it) | measured (s/it) | error | fixed per round (s) "
-             "| padded |", "|---|---|---:|---:|---:|---:|---|"]
+             "| compute over model, clients / server (ms/it) | uplink bytes over model: protocol "
+             "/ wire |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['cut']} | {r['mode']} | {r['predicted_s']:.3f} | {r['per_iter_s']:.3f} | "
               f"{100 * r['rel_err']:+.1f} % | {r['round_fixed_s']:.3f} | "
-              f"{'yes' if r['compute_padded'] else 'NO'} |" for r in rows]
+              f"{1e3 * r['client_compute_excess_s']:.1f} / {1e3 * r['other_compute_excess_s']:.1f}"
+              f" | {100 * r['proto_overhead_up']:+.1f} % / {100 * r['wire_overhead_up']:+.1f} % |"
+              for r in rows]
     med = statistics.median(abs(r["rel_err"]) for r in rows)
     return "\n".join(lines) + f"\n\nMedian |relative error|: {100 * med:.1f} %\n"
 
@@ -156,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", nargs="+", default=["static", "shared"], choices=MODES)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eta", type=float, default=16.0, help="FLOPs per cycle (11.2)")
-    p.add_argument("--cycles", action="append", default=[], metavar="HOST=CYCLES",
-                   help="over the seed's speeds (clients 0.1-0.5 GHz, servers 7 GHz)")
+    p.add_argument("--cycles", action="append", default=["server=1e9"], metavar="HOST=CYCLES",
+                   help="over the seed's speeds (clients 0.1-0.5 GHz, servers 7 GHz); the "
+                   "server defaults to 1 GHz: at 7 GHz x eta=16 it would outrun this CPU, so its "
+                   "compute would not be padded to the model")
     p.add_argument("--iters", type=int, nargs=2, default=[2, 6], metavar=("SHORT", "LONG"))
     p.add_argument("--train-limit", type=int, default=960)
     p.add_argument("--launcher", default="popen", choices=["popen", "zygote"])
@@ -165,30 +205,43 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep the presets' jitter and loss (default: none, as the model has)")
     p.add_argument("--slow-start-after-idle", action="store_true",
                    help="keep Linux's default TCP cwnd reset after an idle RTO")
+    p.add_argument("--predict-only", action="store_true",
+                   help="print the model's table and the resource manager's choice; no runs")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cut_sweep"))
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     cuts = a.cuts or list(Profile.of(a.model, a.dataset).names[:-1])
-    rows = []
+    man = plan(a, cuts[0], "static", a.out)["manager"]
+    alloc = {"exhaustive": man.exhaustive().to_dict(), "bcd": man.bcd().to_dict()}
+    if a.predict_only:
+        for cut in cuts:
+            print(cut, {m: round(plan(a, cut, m, a.out)["pred"]["total"], 4) for m in a.modes})
+        print(json.dumps(alloc, indent=1))
+        return
+    rows: list[dict] = []
+    failed: list[str] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sweep-") as runs:
         for cut in cuts:
             for mode in a.modes:
-                rows.append(sweep_one(a, cut, mode, runs))
+                try:
+                    rows.append(sweep_one(a, cut, mode, runs))
+                except RunFailed as e:
+                    failed.append(f"{cut} {mode}: {str(e).splitlines()[0]}")
+                    print(f"{cut:>8} {mode:<9} FAILED: {failed[-1]}", flush=True)
+                    continue
                 r = rows[-1]
                 print(f"{cut:>8} {mode:<9} predicted {r['predicted_s']:.3f} s/it  measured "
                       f"{r['per_iter_s']:.3f} s/it ({100 * r['rel_err']:+.1f} %), fixed "
                       f"{r['round_fixed_s']:.3f} s/round", flush=True)
-    with open(os.path.join(a.out, "sweep.json"), "w") as fh:
-        json.dump({"args": vars(a), "took_s": time.perf_counter() - t0, "rows": rows}, fh,
-                  indent=1)
-    cols = ["cut", "mode", "predicted_s", "per_iter_s", "rel_err", "round_fixed_s",
-            "naive_per_iter_s", "client_compute_s", "compute_padded"]
-    with open(os.path.join(a.out, "sweep.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    md = table(rows)
+                write(a.out, {"args": vars(a), "took_s": time.perf_counter() - t0,
+                              "allocation": alloc, "failed": failed, "rows": rows})
+    if not rows:
+        raise SystemExit(f"every run failed: {failed}")
+    md = table(rows) + (f"\nResource manager (exhaustive): cut {alloc['exhaustive']['cut']}, "
+                        f"{alloc['exhaustive']['latency']['total']:.3f} s/it predicted; BCD: "
+                        f"cut {alloc['bcd']['cut']}, {alloc['bcd']['latency']['total']:.3f} s/it\n")
+    md += "".join(f"\nFAILED: {f}" for f in failed)
     with open(os.path.join(a.out, "sweep.md"), "w") as fh:
         fh.write(md)
     print(md)

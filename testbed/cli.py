@@ -114,6 +114,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="measure every path (ping, iperf3) before training; stored with the run")
     p.add_argument("--loopback", action="store_true",
                    help="no Mininet, no emulation: all nodes on 127.0.0.1 (scheme development)")
+    p.add_argument("--allocate", default="off", choices=["off", "static", "on-demand"],
+                   help="PSL/EPSL: the resource manager picks the cut (and, static, each UE's "
+                        "share of its cell, set on per-UE links); needs --cycles: "
+                        "docs/latency.md")
     _add_device_args(p)
 
 
@@ -152,8 +156,16 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     topo, topo_name = load_topology(a.topology, a.topo, parse_params(a.topo_param, "-p"))
     cfg = config_from_args(a, topo_name)
+    on_start = None
+    if a.allocate != "off":
+        from testbed.resources import allocate_run
+
+        try:
+            cfg, on_start = allocate_run(topo, cfg, a.allocate, log=console.print)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:
-        Experiment(cfg, topo, topology=a.topology, loopback=a.loopback).run()
+        Experiment(cfg, topo, topology=a.topology, loopback=a.loopback, on_start=on_start).run()
     except RunFailed as e:
         console.print(f"[red]run failed: {e}")
         return 1

@@ -151,6 +151,19 @@ class Manager:
                 {h: u for h, u in self.shared.items() if any(h in x for x in hops)}))
         return self.latency(cut, shares)["total"], shares
 
+    def cell_hops(self) -> tuple[Hop, Hop]:
+        """The narrowest hop the clients share, up and down (a cell), for on_demand."""
+        r = self.net.routes[self.clients[0]]
+        return tuple(min((h for h in self.shared if h in hops), key=self.net.capacity.get)
+                     for hops in (r.up, r.down))
+
+    def full_rates(self) -> dict[str, tuple[float, float]]:
+        """client -> (up, down) bit/s with the whole of every shared hop: what a per-UE
+        shaper is declared with before the allocation is set."""
+        up, down = self.net.paths({h: dict.fromkeys(u, 1.0) for h, u in self.shared.items()})
+        return {c: (u.rate_bps, d.rate_bps) for c, u, d in zip(self.clients, up, down,
+                                                                strict=True)}
+
     def best_cut(self, shares: Shares | None) -> tuple[str, float]:
         t = {c: self.latency(c, shares)["total"] for c in self.cuts}
         best = min(t, key=t.get)
@@ -249,8 +262,53 @@ def shape_access_links(topo: Any, clients: Sequence[str],
 def apply(network: Any, topo: Any, rates: Mapping[str, tuple[float, float]],
           log: Callable[[str], None] = print) -> None:
     """Set each client's access link of a running network to its (up, down) rate (bit/s)."""
+    if not hasattr(network, "set_link"):
+        log(f"allocation NOT applied: the {network.kind} network has no links to shape")
+        return
     for c, (up, down) in rates.items():
         a, b, _ = access_link(topo, c)
         other = b if a == c else a
         network.set_link(c, other, bw_up=up / 1e6, bw_down=down / 1e6)
         log(f"allocation: {c} up {up / 1e6:.3f} Mbit/s, down {down / 1e6:.3f} Mbit/s")
+
+
+def allocate_run(topo: Any, cfg: Any, mode: str,
+                 log: Callable[[str], None] = print) -> tuple[Any, Callable[[Any], None]]:
+    """For `sledge run --allocate`: the run's config with the cut the manager chooses, and the
+    on_start hook that applies its shares. mode "static": exact shares on per-UE links;
+    "on-demand": the cut that is best when the UEs share the cell work-conservingly (no
+    per-UE cap, nothing to apply)."""
+    from dataclasses import replace as copy_with
+
+    from testbed.plan import host_roles, per_host
+
+    if cfg.scheme not in ("psl", "epsl") or len(cfg.cuts) != 1 or cfg.tiers:
+        raise ValueError("--allocate: the resource manager models two-tier PSL/EPSL rounds "
+                         f"(scheme {cfg.scheme!r}, cuts {cfg.cuts}, tiers {cfg.tiers})")
+    roles = host_roles(topo, cfg.roles)
+    clients = [h for h, r in roles.items() if r == "client"]
+    servers = [h for h, r in roles.items() if r == "server"]
+    cycles = per_host(topo, "cycles", cfg.cycles, roles)
+    missing = [h for h in (*clients, *servers) if h not in cycles]
+    if len(servers) != 1 or missing:
+        raise ValueError(f"--allocate: needs one server and modelled compute (--cycles) for "
+                         f"every client and the server; missing {missing}")
+    from testbed.latency import network_of
+
+    net = network_of(topo, clients, servers[0])
+    man = Manager(net, Profile.of(cfg.model, cfg.dataset), cycles, batch=cfg.batch_size,
+                  eta=cfg.flops_per_cycle, beta=cfg.backward_flops_factor,
+                  phi=float(cfg.scheme_options.get("phi", 0.0)) if cfg.scheme == "epsl" else 0.0)
+    if mode == "on-demand":
+        per = {c: on_demand(man, c, *man.cell_hops())["total"] for c in man.cuts}
+        cut = min(per, key=per.get)
+        log(f"allocation (on-demand): cut {cut}, {per[cut]:.3f} s/iteration predicted")
+        return copy_with(cfg, cuts=[cut]), lambda exp: None
+    if mode != "static":
+        raise ValueError(f"--allocate {mode!r}: valid: static, on-demand")
+    best = man.exhaustive()
+    rates = best.rates(net)
+    shape_access_links(topo, clients, man.full_rates())
+    log(f"allocation (static): cut {best.cut}, {best.latency['total']:.3f} s/iteration "
+        f"predicted")
+    return copy_with(cfg, cuts=[best.cut]), lambda exp: apply(exp.network, topo, rates, log)
