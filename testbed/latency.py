@@ -249,7 +249,7 @@ class Network:
     delay: dict[tuple[str, str], float]
     routes: dict[str, Route]
     server: str
-    users: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    users: dict[tuple[str, str], list[str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for c, r in self.routes.items():
