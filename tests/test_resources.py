@@ -86,3 +86,21 @@ def test_access_links_get_their_own_shaper():
     up, down = ("bw_up", "bw_down") if info["node1"] == "ue1" else ("bw_down", "bw_up")
     assert (info[up], info[down]) == (2.0, 5.0)
     assert not math.isnan(info[up])
+
+
+def test_allocate_run_picks_the_cut_and_declares_per_ue_shapers():
+    from testbed.config import RunConfig
+    from testbed.resources import allocate_run
+
+    topo, _ = load_topology(os.path.join(ROOT, "topologies", "cellular.py"),
+                            params={"ues": 2, "links": {"cell": {"bw_up": 2, "bw_down": 4}}})
+    cfg = RunConfig(scheme="psl", dataset="digits", cuts=["conv1"], batch_size=16,
+                    cycles={"client": 0.1e9, "server": 1e9}, flops_per_cycle=16)
+    new, hook = allocate_run(topo, cfg, "static", log=lambda _: None)
+    assert new.cuts == ["fc1"]  # the smallest activation on a starved cell
+    shaped = [i for a, b, i in topo.links(withInfo=True) if {a, b} & {"ue1", "ue2"}]
+    assert all("bw_up" in i and "bw_down" in i for i in shaped) and len(shaped) == 2
+    with pytest.raises(ValueError, match="--cycles"):
+        allocate_run(topo, RunConfig(scheme="psl", dataset="digits"), "static")
+    with pytest.raises(ValueError, match="two-tier PSL/EPSL"):
+        allocate_run(topo, RunConfig(scheme="sflv1", dataset="digits"), "static")
