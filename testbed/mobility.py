@@ -60,6 +60,8 @@ class Radio:
                 raise ValueError(f"unknown constant {k!r}; valid: {known}")
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise ValueError(f"{k}: expected a number, got {v!r}")
+            if k == "n0_dbm_per_hz":  # dBm/Hz: negative
+                continue
             if v < 0 or (v == 0 and k not in ("shadowing_sigma_db", "hysteresis_db")):
                 raise ValueError(f"{k}: expected a number > 0, got {v!r}")
         return cls(**{k: float(v) for k, v in d.items()})
@@ -185,15 +187,27 @@ class Mobility:
                       "snr_up_db": self.radio.snr_db(pl, self.radio.ue_power_w)}
         return out
 
-    def update(self, user: str, pos: tuple[float, float]) -> Update:
+    def place(self, user: str, pos: tuple[float, float]) -> dict[int, dict[str, float]]:
+        """Put `user` at `pos` in its current cell (no handover decision)."""
         if not self.stations:
             raise ValueError("mobility: the topology has no base stations")
         if user not in self.serving:
             self.serving[user] = self.initial_cell(user)
-        before = self.serving[user]
         cells = self.measure(pos)
         self.pos[user] = pos
         self.loss[user] = {c: m["path_loss_db"] for c, m in cells.items()}
+        return cells
+
+    def links(self) -> list[tuple[tuple[str, str], dict[str, Any]]]:
+        """Every cell link with positioned users, and its parameters."""
+        out = [(b.link, self.cell_params(c)) for c, b in sorted(self.stations.items())]
+        return [(k, p) for k, p in out if p]
+
+    def update(self, user: str, pos: tuple[float, float]) -> Update:
+        """Move `user` to `pos`: hand over when another cell beats the serving one by the
+        hysteresis; the links of the cells it left and is in get new parameters."""
+        before = self.serving.get(user, self.initial_cell(user))
+        cells = self.place(user, pos)
         best = min(cells, key=lambda c: (cells[c]["path_loss_db"], c))
         margin = (math.inf if before not in cells
                   else cells[before]["path_loss_db"] - cells[best]["path_loss_db"])

@@ -44,32 +44,37 @@ class ScenarioError(ValueError):
 
 
 # -- the events ---------------------------------------------------------------------------------
-TRIGGERS = ("at", "before_round", "after_round")
+TRIGGERS = ("at", "before_round", "after_round", "during_round")
 
 
 @dataclass(kw_only=True)
 class Event:
-    """One timeline entry. Exactly one trigger: `at` (seconds since round 1 started),
-    `before_round` N (before round N starts) or `after_round` N (after round N is recorded)."""
+    """One timeline entry. One trigger: `at` (seconds since round 1 started), `before_round` N
+    (before round N starts), `after_round` N (after round N is recorded), or `during_round` N
+    with `at` (seconds after round N started: mid-round, whatever the rounds before took)."""
 
     kind: ClassVar[str] = ""
     at: float | None = None
     before_round: int | None = None
     after_round: int | None = None
+    during_round: int | None = None
 
     def trigger(self) -> tuple[str, float]:
-        given = [(t, getattr(self, t)) for t in TRIGGERS if getattr(self, t) is not None]
-        if len(given) != 1:
-            raise ValueError(("at", f"expected exactly one trigger of {list(TRIGGERS)}, got "
-                              f"{[t for t, _ in given] or 'none'}"))
-        return given[0]
+        given = [t for t in TRIGGERS if getattr(self, t) is not None]
+        if given == ["at", "during_round"]:
+            return "during_round", self.during_round
+        if len(given) != 1 or given == ["during_round"]:
+            raise ValueError(("at", f"expected one trigger: 'at', 'before_round', "
+                                    f"'after_round', or 'during_round' with 'at'; got "
+                                    f"{given or 'none'}"))
+        return given[0], getattr(self, given[0])
 
     def check(self) -> None:
         """Raise ValueError((field, what)) on a bad value."""
         name, v = self.trigger()
-        if name == "at":
-            _need(_is_num(v) and v >= 0, "at", "expected seconds >= 0", v)
-        else:
+        if self.at is not None:
+            _need(_is_num(self.at) and self.at >= 0, "at", "expected seconds >= 0", self.at)
+        if name != "at":
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
                   "expected a round number >= 1", v)
 
@@ -335,6 +340,9 @@ class Scenario:
     positions: dict[str, tuple[float, float]] = field(default_factory=dict)
     radio: Radio = field(default_factory=Radio)
     path: str | None = None
+    # The client the server follows on handover (testbed.migration.serving_edge); None: the
+    # cell most clients are in.
+    follow: str | None = None
 
     def __post_init__(self) -> None:
         for i, ev in enumerate(self.events):
@@ -354,7 +362,7 @@ class Scenario:
         if not isinstance(d, dict):
             raise ScenarioError(f"{where}: expected a mapping with 'events', got "
                                 f"{type(d).__name__}")
-        known = ("name", "description", "events", "positions", "radio")
+        known = ("name", "description", "events", "positions", "radio", "follow")
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ScenarioError(f"{where} field {unknown[0]!r}: unknown; valid: {list(known)}")
@@ -372,7 +380,7 @@ class Scenario:
             raise ScenarioError(f"{where} field 'radio': {e}") from None
         return cls(events=events, name=str(d.get("name", "scenario")),
                    description=str(d.get("description", "")), positions=positions,
-                   radio=radio, path=path)
+                   radio=radio, path=path, follow=d.get("follow"))
 
     @classmethod
     def load(cls, path: str) -> Scenario:
@@ -388,7 +396,8 @@ class Scenario:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "path": self.path,
                 "positions": {u: list(p) for u, p in self.positions.items()},
-                "radio": self.radio.to_dict(), "events": [e.to_dict() for e in self.events]}
+                "radio": self.radio.to_dict(), "follow": self.follow,
+                "events": [e.to_dict() for e in self.events]}
 
     def check(self, topo: Any, reactions: dict[str, Reaction], rounds: int | None = None,
               shaped: Callable[[str, str], bool] | None = None) -> None:
@@ -429,6 +438,8 @@ class Scenario:
         for user in self.positions:
             if user not in nodes:
                 raise ScenarioError(f"positions field {user!r}: no such host")
+        if self.follow is not None and self.follow not in hosts:
+            raise ScenarioError(f"field 'follow': no host {self.follow!r} in the topology")
 
 
 # -- applying link changes ----------------------------------------------------------------------
@@ -458,6 +469,7 @@ class LinkOps:
     def __init__(self, backend: LinkBackend, controller: Any = None, applied: bool = True
                  ) -> None:
         self.backend, self.controller, self.applied = backend, controller, applied
+        self.last: tuple[dict[str, list[str]], float] = ({}, 0.0)
 
     def _paths(self) -> dict[str, list[str]]:
         st = getattr(self.controller, "state", None) or {}
@@ -470,6 +482,7 @@ class LinkOps:
         change()
         t1 = time.perf_counter()
         out: dict[str, Any] = {"applied": self.applied, "apply_s": t1 - t0}
+        self.last = (before, t0)  # for first_traffic
         if self.controller is not None:
             if status is False:
                 self.controller.down.add(frozenset((a, b)))
@@ -486,6 +499,38 @@ class LinkOps:
             if lost:
                 out["unreachable"] = lost
         return out
+
+    def first_traffic(self, before: dict[str, list[str]], t_change: float,
+                      timeout_s: float = 5.0, min_bytes: int = 1000) -> dict[str, Any]:
+        """After a re-route: seconds from `t_change` (perf_counter) until the first data
+        (`min_bytes`, more than an ARP) leaves on a hop the new paths use and the old ones
+        (`before`) did not, read from the kernel counters of that hop's interface."""
+        from testbed.network import read_net_dev
+
+        now = self._paths()
+        hops = {(x, y) for k, p in now.items() for x, y in zip(p, p[1:], strict=False)
+                if (x, y) not in set(zip(before.get(k, []), before.get(k, [])[1:],
+                                         strict=False))}
+        net = getattr(self.controller.network, "net", None)
+        watch = [(net.get(x).pid, self.controller.intfs[(x, y)], f"{x}->{y}")
+                 for x, y in sorted(hops) if (x, y) in self.controller.intfs]
+        if not watch:
+            return {"new_hops": [], "traffic_s": None}
+
+        def tx() -> dict[str, int]:
+            return {h: read_net_dev(f"/proc/{pid}/net/dev").get(i, {}).get("tx_bytes", 0)
+                    for pid, i, h in watch}
+
+        base = tx()
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            moved = {h: b - base[h] for h, b in tx().items() if b - base[h] >= min_bytes}
+            if moved:
+                return {"new_hops": [h for _, _, h in watch], "first_hop": min(moved),
+                        "traffic_s": time.perf_counter() - t_change}
+            time.sleep(0.002)
+        return {"new_hops": [h for _, _, h in watch], "traffic_s": None,
+                "note": f"no data on the new hops within {timeout_s:g}s"}
 
     def set_link(self, a: str, b: str, **params: Any) -> dict[str, Any]:
         box: dict[str, LinkParams] = {}
@@ -530,8 +575,8 @@ class ScenarioRunner:
         self.mobility = Mobility(scenario.radio, base_stations(topo), seed=seed,
                                  cells=cells or (lambda h: topo.nodeInfo(h).get("cell")),
                                  base_delay=self._declared_delay)
-        for user, pos in scenario.positions.items():  # where users start: no link change yet
-            self.mobility.update(user, pos)
+        for user, pos in scenario.positions.items():  # links follow before round 1
+            self.mobility.place(user, pos)
         self.link_states: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.round, self.phase = 0, "before_round"
@@ -631,11 +676,18 @@ class ScenarioRunner:
     # -- round boundaries (main thread) ---------------------------------------------------------
     def before_round(self, n: int) -> None:
         self.round, self.phase = n, "before_round"
+        if not self.started and self.scenario.positions:
+            with self.lock:  # the cells of users placed by `positions` get their rates
+                for link, params in self.mobility.links():
+                    self._link(-1, "mobility", link, params, cause="positions")
         self._drain_deferred()
         for i in self.by_round.get(("before_round", n), []):
             self._fire(i, thread="main")
         self._drain_deferred()
         self.phase = "during_round"
+        for i in self.by_round.get(("during_round", n), []):
+            self._push(self.t() + self.scenario.events[i].at, i, lambda i=i: self._fire(i),
+                       f"events[{i}]")
         self.check()
 
     def after_round(self, n: int) -> None:
@@ -721,6 +773,16 @@ class ScenarioRunner:
                "t": round(self.t(), 6), **({"cause": cause} if cause else {}), **out}
         self.link_states.append(rec)
         self.log(rec)
+        if what in ("link_down", "link_up") and out.get("paths_changed") and self.ops.applied \
+                and getattr(self.ops.controller, "network", None) is not None:
+            before, t_change = self.ops.last
+
+            def probe() -> None:
+                got = self.ops.first_traffic(before, t_change)
+                self.log({"kind": "reroute", "event": index, "link": f"{a}-{b}", "by": what,
+                          "routes_s": out.get("reroute_s"), **got})
+
+            threading.Thread(target=probe, name="reroute probe", daemon=True).start()
         return rec
 
     def _move(self, index: int, ev: Move, thread: str) -> None:
@@ -743,7 +805,7 @@ class ScenarioRunner:
         self.log({"kind": "position", "event": index, "user": user, "pos": list(pos),
                   "round": self.round, "t": round(self.t(), 6), **upd.summary()})
         if upd.handover is not None:
-            ho = Handover(at=0.0, user=user, cell=upd.handover)
+            ho = Handover(at=round(self.t(), 6), user=user, cell=upd.handover)
             self._record(index, ho, thread, cause="mobility", from_cell=upd.serving_before)
             self.react(index, ho, thread, cause="mobility")
         for cell_link, params in upd.links:
