@@ -33,7 +33,14 @@ from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
-from testbed.scenario import REACTIONS, Scenario, ScenarioError, ScenarioRunner, link_ops
+from testbed.scenario import (
+    REACTIONS,
+    Scenario,
+    ScenarioError,
+    ScenarioRunner,
+    link_ops,
+    record_line,
+)
 
 
 class RunFailed(RuntimeError):
@@ -352,6 +359,8 @@ class Experiment:
             if rec.get("kind") != "position":
                 self.events.append(rec)
             self.run_dir.append("events.jsonl", rec)
+        if line := record_line(rec):
+            console.print(f"[cyan]scenario: {line}")
 
     def _plot(self) -> None:
         from testbed.metrics import plot_rounds

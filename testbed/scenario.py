@@ -545,6 +545,24 @@ class LinkOps:
         return {"state": "up", **self._do(a, b, lambda: self.backend.link_up(a, b), True)}
 
 
+def record_line(rec: dict[str, Any]) -> str | None:
+    """One console line for an event, reroute or skipped record (None for the others)."""
+    kind, t = rec.get("kind"), rec.get("t", 0.0)
+    if kind == "event":
+        what = " ".join(f"{k}={v}" for k, v in rec.items() if k in (
+            "link", "user", "cell", "node", "to", "params", "file", "cause"))
+        return (f"t={t:.2f}s round {rec.get('round')} ({rec.get('phase')}): "
+                f"events[{rec.get('event')}] {rec.get('type')} {what}")
+    if kind == "reroute":
+        traffic = rec.get("traffic_s")
+        return (f"re-routed after {rec.get('by')} {rec.get('link')}: routes in "
+                f"{rec.get('routes_s', 0) * 1000:.0f} ms, data on the new path after "
+                + (f"{traffic * 1000:.0f} ms" if traffic is not None else "(none seen)"))
+    if kind == "skipped":
+        return f"not reached: {rec.get('what')} due at {rec.get('due_s'):g}s ({rec.get('reason')})"
+    return None
+
+
 def link_ops(network: Any, topo: Any, controller: Any = None) -> LinkOps:
     """The LinkOps of a built network: its link backend and controller. The loopback network
     shapes nothing: the link model is tracked (and logged as not applied)."""
@@ -714,11 +732,9 @@ class ScenarioRunner:
                             thread=thread, cause=cause, later=self._deferred.append)
 
     def _record(self, index: int, ev: Event, thread: str, **extra: Any) -> dict[str, Any]:
-        rec = {"kind": "event", "event": index, "type": ev.kind, **ev.to_dict(),
-               "round": self.round, "phase": self.phase, "t": round(self.t(), 6),
-               "thread": thread, **extra}
-        rec["kind"] = "event"
-        rec["type"] = ev.kind
+        fields_ = {k: v for k, v in ev.to_dict().items() if k != "kind"}
+        rec = {"kind": "event", "event": index, "type": ev.kind, **fields_, "round": self.round,
+               "phase": self.phase, "t": round(self.t(), 6), "thread": thread, **extra}
         self.log(rec)
         return rec
 
