@@ -829,7 +829,8 @@ class ScenarioRunner:
 
 
 def simulate(scenario: Scenario, topo: Any, *, seed: int, rounds: int, round_s: float,
-             reactions: dict[str, Reaction] | None = None) -> ScenarioRunner:
+             reactions: dict[str, Reaction] | None = None,
+             log: Callable[[dict[str, Any]], None] | None = None) -> ScenarioRunner:
     """Run the timeline on a recording network with a virtual clock (rounds of `round_s`
     seconds): the link states it would apply, no Mininet. Kinds that need a reaction get one
     that only records (unless `reactions` gives one)."""
@@ -840,7 +841,7 @@ def simulate(scenario: Scenario, topo: Any, *, seed: int, rounds: int, round_s: 
     backend.prepare(topo)
     reactions = {**dict.fromkeys(NEEDS_REACTION, record_only), **(reactions or {})}
     runner = ScenarioRunner(scenario, topo, LinkOps(backend, applied=False), seed=seed,
-                            reactions=reactions)
+                            reactions=reactions, log=log)
     clock = {"t": 0.0}
     for n in range(1, rounds + 1):
         runner.before_round(n)
@@ -854,3 +855,51 @@ def simulate(scenario: Scenario, topo: Any, *, seed: int, rounds: int, round_s: 
         runner.after_round(n)
     runner.finish()
     return runner
+
+
+# -- `sledge scenario`: check a timeline and show what it would do, without a network -------------
+def _state_line(rec: dict[str, Any]) -> str:
+    st = rec["state"]
+    if isinstance(st, str):
+        return f"t={rec['t']:.2f}s {rec['link']} {st}"
+    up, down = st["up"], st["down"]
+    return (f"t={rec['t']:.2f}s {rec['link']} ({rec['by']}) up {up['bw_mbit']} Mbit/s "
+            f"{up['delay_ms']:.4f} ms, down {down['bw_mbit']} Mbit/s {down['delay_ms']:.4f} ms")
+
+
+def cmd_scenario(a: Any) -> int:
+    from testbed.cli import load_topology, parse_params
+    from testbed.experiment import Experiment  # noqa: F401 - registers the reactions
+
+    topo, _ = load_topology(a.topology, a.topo, parse_params(a.topo_param, "-p"))
+    try:
+        sc = Scenario.load(a.scenario)
+        sc.check(topo, REACTIONS, a.rounds)
+    except ScenarioError as e:
+        print(f"sledge scenario: {e}")
+        return 2
+
+    def show(rec: dict[str, Any]) -> None:
+        line = _state_line(rec) if rec["kind"] == "link_state" else record_line(rec)
+        if line:
+            print(line)
+
+    print(f"scenario {sc.name}: {len(sc.events)} events; rounds of {a.round_s:g} s (virtual), "
+          f"seed {a.seed}; reactions not run")
+    runner = simulate(sc, topo, seed=a.seed, rounds=a.rounds, round_s=a.round_s, log=show)
+    print(f"{len(runner.link_states)} link states")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """`sledge scenario` on the CLI's subparsers."""
+    p = sub.add_parser("scenario", help="check a scenario against a topology and print the link "
+                                        "states it would apply (no network, no root)")
+    p.add_argument("scenario", help="scenario YAML, e.g. scenarios/mesh_link_cut.yaml")
+    p.add_argument("topology", help="topology script")
+    p.add_argument("--topo", help="topology name inside the script (default: its first)")
+    p.add_argument("-p", "--topo-param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--round-s", type=float, default=5.0, help="virtual seconds per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_scenario)

@@ -230,3 +230,17 @@ def test_an_unregistered_kind_at_dispatch_fails_naming_the_event(cells3):
                             sc.link_ops(None, cells3), seed=0, reactions={})
     with pytest.raises(ScenarioError, match=r"events\[0\] \(kill\): no reaction registered"):
         runner.before_round(1)
+
+
+def test_sledge_scenario_prints_the_link_states_without_a_network(capsys):
+    from testbed.cli import main
+
+    args = ["scenario", os.path.join(SCENARIOS, "mesh_link_cut.yaml"),
+            os.path.join(ROOT, "topologies", "mesh.py"), "-p", "rows=2", "-p", "cols=2",
+            "--rounds", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "t=5.50s m1-m2 down" in out and "t=15.00s m1-m2 up" in out
+    assert out.rstrip().endswith("3 link states")
+    assert main(args[:-2] + ["--rounds", "2"]) == 2  # link_up after round 3 of 2
+    assert "events[2] (link_up) field 'after_round'" in capsys.readouterr().out
