@@ -429,11 +429,15 @@ class WeightQuantizer:
                 if self.bits:
                     w = fake_quant(w, self.bits)
                 p.copy_(w)
+        self._versions = [p._version for p in self.params]
 
     def before_step(self) -> None:
-        """Put the masters in the modules so the optimizer steps them."""
+        """Put the masters in the modules so the optimizer steps them. Weights loaded from
+        outside since the last projection (an SL hand-off, SFL's W_DOWN) become the masters."""
         with torch.no_grad():
-            for p, m in zip(self.params, self.master, strict=True):
+            for i, (p, m) in enumerate(zip(self.params, self.master, strict=True)):
+                if p._version != self._versions[i]:
+                    m.copy_(p)
                 p.copy_(m)
 
     def after_step(self) -> None:

@@ -162,6 +162,11 @@ def test_weight_quantizer_levels_and_training():
     assert not torch.equal(wq.master[0], model[0].weight)  # fp32 master, int-4 weights
     pruned = WeightQuantizer([model], prune=0.5)
     assert all(f >= 0.5 for f in pruned.stats()["zero_fraction"])
+    # weights loaded from outside (an SL hand-off, SFL's W_DOWN) become the fp32 masters
+    handed = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(handed)
+    pruned.before_step()
+    assert torch.equal(pruned.master[0], handed["0.weight"])
 
 
 def test_errors_name_the_field():
