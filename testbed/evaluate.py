@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import torch
 
+from nodes.compression import Codec
 from nodes.data import ArrayDataset
 from nodes.models import build_model, split_model
 
 
 class Evaluator:
     def __init__(self, model_kwargs: dict, cuts: list[str], test: ArrayDataset,
-                 batch_size: int = 500) -> None:
+                 batch_size: int = 500, codec: Codec | None = None) -> None:
         self.model_kwargs, self.cuts = model_kwargs, cuts
         self.test, self.batch_size = test, batch_size
+        self.codec = codec  # a run's cut compression is part of its model (nodes.compression)
 
     @torch.no_grad()
     def accuracy(self, segments: list[dict]) -> float:
         model = build_model(**self.model_kwargs)
-        for seg, state in zip(split_model(model, self.cuts), segments, strict=True):
+        segs = split_model(model, self.cuts)
+        for seg, state in zip(segs, segments, strict=True):
             seg.load_state_dict(state)
         model.eval()
         correct = 0
         for i in range(0, len(self.test), self.batch_size):
             x, y = self.test.x[i:i + self.batch_size], self.test.y[i:i + self.batch_size]
-            correct += int((model(x).argmax(1) == y).sum())
+            for j, seg in enumerate(segs):
+                x = seg(x if j == 0 or self.codec is None else self.codec.roundtrip(x))
+            correct += int((x.argmax(1) == y).sum())
         return correct / len(self.test)
 
     def evaluate(self, ckpt_paths: dict[str, str],
