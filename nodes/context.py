@@ -86,6 +86,7 @@ class NodeContext:
     step_timeout_s: float = 300.0
     ckpt_path: str | None = None
     compute_model: ComputeModel | None = None  # None: compute as fast as this CPU does
+    epoch: int = 0                  # recovery epoch (set_epoch; docs/fault-tolerance.md)
     # per-round metrics, reset by the runtime
     compute_s: float = 0.0          # time in compute blocks, padding included
     compute_measured_s: float = 0.0  # the computation itself
@@ -261,13 +262,66 @@ class NodeContext:
         self.counters = Counter()
         self.rx_tensors = set()
 
+    # -- checkpoints and recovery (docs/fault-tolerance.md) -----------------------------------
     def checkpoint(self, rnd: int) -> None:
-        """Write segments and optimizer state atomically; evaluation and resume read it."""
+        """Write, atomically (tmp + rename), everything needed to redo round `rnd` + 1 exactly:
+        segments, optimizer state, the data order (generator, permutation, cursor) and the
+        global RNG. The previous checkpoint is kept as `<path>.prev`: a node may be one round
+        ahead of the last round every node completed, which is where a rollback goes."""
         if not self.ckpt_path:
             return
         state = {"round": rnd, "node": self.name,
                  "segments": {i: s.state_dict() for i, s in self.segments.items()},
-                 "optimizers": {i: o.state_dict() for i, o in self.optimizers.items()}}
+                 "optimizers": {i: o.state_dict() for i, o in self.optimizers.items()},
+                 "data": {"gen": None if self._gen is None else self._gen.get_state(),
+                          "order": self._order, "cursor": self._cursor},
+                 "rng": torch.get_rng_state()}
         tmp = f"{self.ckpt_path}.tmp"
         torch.save(state, tmp)
+        if os.path.exists(self.ckpt_path):
+            os.replace(self.ckpt_path, f"{self.ckpt_path}.prev")
         os.replace(tmp, self.ckpt_path)
+
+    def restore(self, rnd: int) -> None:
+        """Load the checkpoint of round `rnd` (the current or the previous file) and make it
+        the current one again, so the next checkpoint keeps it as `.prev`."""
+        if not self.ckpt_path:
+            raise RuntimeError(f"node {self.name}: no checkpoint path, cannot restore")
+        found = []
+        for path in (self.ckpt_path, f"{self.ckpt_path}.prev"):
+            if not os.path.exists(path):
+                continue
+            state = torch.load(path, weights_only=True)
+            found.append(state["round"])
+            if state["round"] == rnd:
+                break
+        else:
+            raise RuntimeError(f"node {self.name}: no checkpoint of round {rnd} in "
+                               f"{self.ckpt_path}[.prev] (found rounds {found})")
+        for i, seg in self.segments.items():
+            seg.load_state_dict(state["segments"][i])
+        for i, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][i])
+        data = state.get("data") or {}
+        self._gen = None
+        if data.get("gen") is not None:
+            self._gen = torch.Generator()
+            self._gen.set_state(data["gen"])
+        self._order, self._cursor = data.get("order"), int(data.get("cursor", 0))
+        if state.get("rng") is not None:
+            torch.set_rng_state(state["rng"])
+        if path != self.ckpt_path:  # the newer file belongs to an attempt being undone
+            os.replace(path, self.ckpt_path)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Enter recovery epoch `epoch`: messages of older epochs are dropped from now on, and
+        what was queued for a scheme from the aborted attempt is forgotten."""
+        self.epoch = epoch
+        for ep in self.data_endpoints():
+            ep.epoch = epoch
+        self._pending.clear()
+
+    def set_interrupt(self, interrupt: Callable[[], bool] | None) -> None:
+        """Make every data-plane wait give up (protocol.Interrupted) once `interrupt()`."""
+        for ep in self.data_endpoints():
+            ep.interrupt = interrupt

@@ -26,6 +26,7 @@ import math
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MSG_TYPES: frozenset[str] = frozenset(
     {"HELLO", "CTRL", "REPORT", "ERROR", "BYE", "HEARTBEAT", "ACT", "GRAD", "GRAD_BCAST",
-     "ACT2", "GRAD2", "W_UP", "W_DOWN", "LOSS", "EVAL", "STATE", "STATE_ACK"}
+     "ACT2", "GRAD2", "W_UP", "W_DOWN", "LOSS", "EVAL", "STATE", "STATE_ACK",
+     "ABORTED"}
 )
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -56,10 +58,15 @@ MAX_META_KEYS = 256
 MAX_META_DEPTH = 3
 _INT_LIMIT = 2**63
 _HEADER_KEYS = frozenset({"v", "type", "run", "round", "step", "sender", "seq", "tensors", "meta"})
+# Optional: the sender's recovery epoch (docs/fault-tolerance.md), present once it is above 0, so
+# a receiver can drop what a peer sent during an aborted attempt of a round.
+_EPOCH_KEYS = _HEADER_KEYS | {"epoch"}
 # numpy has no bfloat16; a same-width integer view carries the same bytes.
 _NUMPY_VIEW: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
 # Plain ints: pyzmq's IntFlag arithmetic costs about a microsecond per frame on the hot path.
 _SNDMORE, _NOBLOCK, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_SLICE_MS = 100  # how often an interruptible wait checks its `interrupt`
 _BYTES_KEY = {"tx": "tx_bytes", "rx": "rx_bytes"}
 _MSGS_KEY = {"tx": "tx_msgs", "rx": "rx_msgs"}
 
@@ -68,6 +75,10 @@ _MSGS_KEY = {"tx": "tx_msgs", "rx": "rx_msgs"}
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+class Interrupted(RuntimeError):
+    """A wait given up because the endpoint's `interrupt` said so (a round being aborted)."""
 
 
 class ProtocolError(ValueError):
@@ -96,6 +107,7 @@ class Message:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0  # header frame + tensor frames, set by encode/decode
+    epoch: int = 0  # recovery epoch: bumped by every rollback (docs/fault-tolerance.md)
 
 
 def _field_error(name: str, expected: str, got: Any, reason: str = "bad_field") -> ProtocolError:
@@ -146,10 +158,12 @@ def _parse_header(raw: Any) -> dict[str, Any]:
         raise ProtocolError("bad_header", f"frame 0 (header): expected a map, got {hdr!r:.80}")
     if "v" in hdr and (type(hdr["v"]) is not int or hdr["v"] != PROTOCOL_VERSION):
         raise _field_error("v", f"protocol version {PROTOCOL_VERSION}", hdr["v"], "version")
-    if hdr.keys() != _HEADER_KEYS:
+    if hdr.keys() != _HEADER_KEYS and hdr.keys() != _EPOCH_KEYS:
         missing = sorted(_HEADER_KEYS - hdr.keys())
-        extra = sorted(map(str, hdr.keys() - _HEADER_KEYS))
+        extra = sorted(map(str, hdr.keys() - _EPOCH_KEYS))
         raise ProtocolError("bad_header", f"header keys: missing {missing}, unexpected {extra}")
+    if "epoch" in hdr:
+        _check_int(hdr["epoch"], "epoch")
     if type(hdr["type"]) is not str:
         raise _field_error("type", "str", hdr["type"])
     if hdr["type"] not in MSG_TYPES:
@@ -214,6 +228,8 @@ def encode(msg: Message) -> list[Any]:
     hdr = {"v": PROTOCOL_VERSION, "type": msg.type, "run": msg.run, "round": msg.round,
            "step": msg.step, "sender": msg.sender, "seq": msg.seq, "tensors": entries,
            "meta": msg.meta}
+    if msg.epoch:
+        hdr["epoch"] = msg.epoch
     try:
         raw = msgpack.packb(hdr, use_bin_type=True)
     except Exception as exc:  # e.g. an object in meta msgpack cannot represent
@@ -266,7 +282,7 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
         tensors[name] = _rebuild(views[i], DTYPES[dtype], shape)
     return Message(type=hdr["type"], run=hdr["run"], round=hdr["round"], step=hdr["step"],
                    sender=hdr["sender"], seq=hdr["seq"], tensors=tensors, meta=hdr["meta"],
-                   nbytes=total)
+                   nbytes=total, epoch=hdr.get("epoch", 0))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc <malloc.h>
@@ -312,6 +328,11 @@ class Endpoint:
         self.max_message_bytes = max_message_bytes
         self.send_timeout_s = send_timeout_s
         self._seq = 0
+        # Recovery (docs/fault-tolerance.md): messages go out stamped with `epoch`; those from
+        # an older epoch (an aborted attempt) are dropped; with `interrupt`, waits (receive, or
+        # send to an absent peer) check it every 100 ms and raise Interrupted when it is true.
+        self.epoch = 0
+        self.interrupt: Callable[[], bool] | None = None
         self._connected: list[str] = []  # named in errors: a dealer's peer is its address
         self.bytes_sent = self.bytes_recv = self.msgs_sent = self.msgs_recv = 0
         self.header_bytes_sent = self.header_bytes_recv = 0
@@ -365,13 +386,15 @@ class Endpoint:
             need = "needs 'to'" if self.kind == "router" else "takes no 'to'"
             raise ValueError(f"endpoint {self.name!r}: a {self.kind} send {need}")
         msg = Message(type=type, run=self.run, round=round, step=step, sender=self.name,
-                      seq=self._seq, tensors=tensors or {}, meta=meta or {})
+                      seq=self._seq, tensors=tensors or {}, meta=meta or {}, epoch=self.epoch)
         frames = encode(msg)
         if msg.nbytes > self.max_message_bytes:  # the peer would drop it; fail loudly here instead
             raise ProtocolError("too_large",
                                 f"message: {msg.nbytes} > {self.max_message_bytes} bytes")
         if to is not None:
             frames.insert(0, to.encode())
+        if self.interrupt is not None:
+            self._wait_writable()
         try:
             # What send_multipart does, minus its per-call type checks (encode built every frame)
             # and IntFlag arithmetic; libzmq still delivers the parts all or none.
@@ -399,7 +422,26 @@ class Endpoint:
 
     def _wait(self, timeout_ms: int) -> bool:
         # zmq_poll on a prebuilt item list: Socket.poll builds a Poller per call.
-        return bool(zmq.zmq_poll(self._pollitems, timeout_ms))
+        if self.interrupt is None or 0 <= timeout_ms <= _SLICE_MS:
+            return bool(zmq.zmq_poll(self._pollitems, timeout_ms))
+        return self._sliced(self._pollitems, timeout_ms)
+
+    def _sliced(self, items: list, timeout_ms: int) -> bool:
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+        while True:
+            if self.interrupt():
+                raise Interrupted(f"endpoint {self.name!r}: wait interrupted (round aborted)")
+            left = _SLICE_MS if deadline is None else min(
+                _SLICE_MS, math.ceil((deadline - time.monotonic()) * 1000))
+            if zmq.zmq_poll(items, max(left, 0)):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _wait_writable(self) -> None:
+        # A DEALER whose peer is gone blocks in send for send_timeout_s; wait for room in
+        # slices instead, so an abort gets through. A timeout falls through to send's own.
+        self._sliced([(self._sock, _POLLOUT)], int(self.send_timeout_s * 1000))
 
     def _reject(self, reason: str, peer: str, detail: str) -> None:
         self.rejected[reason] += 1
@@ -423,6 +465,9 @@ class Endpoint:
             return self._reject("sender_mismatch", peer, f"header sender {msg.sender!r}")
         if self.run and msg.run != self.run:
             return self._reject("wrong_run", peer, f"run {msg.run!r}, expected {self.run!r}")
+        if msg.epoch < self.epoch:
+            return self._reject("stale_epoch", peer, f"{msg.type} round {msg.round} step "
+                                f"{msg.step} of epoch {msg.epoch} < {self.epoch}")
         self.bytes_recv += msg.nbytes
         self.msgs_recv += 1
         self.header_bytes_recv += len(frames[0])

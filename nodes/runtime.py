@@ -25,9 +25,11 @@ import zmq
 
 from nodes.context import ComputeModel, NodeContext, count_flops
 from nodes.data import load_dataset
+from nodes.fault import COMMANDS as RECOVERY
+from nodes.fault import start_heartbeat
 from nodes.migrate import COMMANDS as MIGRATION
 from nodes.models import build_model, split_model, unit_stats
-from nodes.protocol import Endpoint
+from nodes.protocol import Endpoint, Interrupted
 from nodes.schemes import get_scheme
 
 log = logging.getLogger("sledge.node")
@@ -95,14 +97,18 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
     return ctx
 
 
-def open_data_plane(ctx: NodeContext, accept: list[str], timeout_s: float) -> None:
-    """HELLO to every upstream peer; wait for HELLO from every peer in `accept`.
+def open_data_plane(ctx: NodeContext, accept: list[str], timeout_s: float,
+                    hello: list[str] | None = None) -> None:
+    """HELLO to every upstream peer (or those named in `hello`: peers or proxied clients);
+    wait for HELLO from every peer in `accept`.
 
     A ROUTER can address a peer only once it has heard from it; after this exchange a server
     may send first (e.g. weights to a client) without the scheme knowing about identities.
     """
     deadline = time.monotonic() + timeout_s
     for peer, ep in [*ctx.peers.items(), *ctx.proxies.items()]:
+        if hello is not None and peer not in hello:
+            continue
         while True:
             try:
                 ep.send("HELLO")
@@ -133,12 +139,21 @@ def run_node(config: dict[str, Any]) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config['name']} %(message)s")
     zctx = zmq.Context()
     control = Endpoint(zctx, "dealer", config["name"], run=config["run"])
-    ctx = None
+    ctx = hb = None
     try:
         control.connect(config["control"])
         scheme = get_scheme(config["scheme"], **config.get("scheme_options", {}))
         ctx = build_context(config, zctx)
         round_fn = scheme.round_of(ctx.role, relay=bool(config.get("relay")))
+        # The run's recovery epoch (testbed.recovery): stamped on everything this node sends,
+        # control included, so the controller drops reports of an aborted attempt.
+        ctx.set_epoch(int(config.get("epoch", 0)))
+        control.epoch = ctx.epoch
+        if config.get("restore_round") is not None:  # restarted or resumed (testbed.recovery)
+            ctx.restore(int(config["restore_round"]))
+        else:
+            ctx.checkpoint(0)  # what a failure in round 1 rolls back to
+        hb = start_heartbeat(ctx, zctx, config)
         open_data_plane(ctx, list(config.get("accept", [])),
                         float(config.get("start_timeout_s", 180.0)))
         # The data-plane bytes so far (the HELLOs) belong to start-up, not to round 1.
@@ -149,9 +164,22 @@ def run_node(config: dict[str, Any]) -> int:
             cmd = msg.meta.get("cmd") if msg.type == "CTRL" else None
             if cmd == "round":
                 ctx.reset_round()
-                round_fn(ctx, msg.round, int(msg.meta["iters"]))
+                try:
+                    round_fn(ctx, msg.round, int(msg.meta["iters"]))
+                except (Interrupted, ConnectionError, TimeoutError) as e:
+                    if hb is None:  # no recovery in this run: fail as before
+                        raise
+                    # A peer died or the controller aborted: wait for its rollback.
+                    log.warning("round %d aborted: %s", msg.round, e)
+                    control.send("ABORTED", round=msg.round,
+                                 meta={"error": f"{type(e).__name__}: {e}"[:2000]})
+                    continue
                 ctx.checkpoint(msg.round)
                 control.send("REPORT", round=msg.round, meta=ctx.round_report())
+            elif cmd in RECOVERY:  # between attempts of a round (nodes.fault)
+                out = RECOVERY[cmd](ctx, scheme, zctx, msg.meta)
+                control.epoch = ctx.epoch
+                control.send("REPORT", round=msg.round, meta={"cmd": cmd, **out})
             elif cmd in MIGRATION:  # between rounds (nodes.migrate)
                 out = MIGRATION[cmd](ctx, scheme, zctx, {**msg.meta, "round": msg.round})
                 control.send("REPORT", round=msg.round, meta={"cmd": cmd, **out})
@@ -170,6 +198,8 @@ def run_node(config: dict[str, Any]) -> int:
                                         "traceback": tb[-8000:]})
         return 1
     finally:
+        if hb is not None:
+            hb.stop()
         for ep in (ctx.data_endpoints() if ctx else []):
             ep.close()
         control.close()

@@ -154,7 +154,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from testbed.experiment import Experiment, RunFailed
     from testbed.metrics import console
 
-    topo, topo_name = load_topology(a.topology, a.topo, parse_params(a.topo_param, "-p"))
+    params = parse_params(a.topo_param, "-p")
+    topo, topo_name = load_topology(a.topology, a.topo, params)
     cfg = config_from_args(a, topo_name)
     on_start = None
     if a.allocate != "off":
@@ -165,7 +166,34 @@ def cmd_run(a: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     try:
-        Experiment(cfg, topo, topology=a.topology, loopback=a.loopback, on_start=on_start).run()
+        Experiment(cfg, topo, topology=a.topology, loopback=a.loopback, on_start=on_start,
+                   topology_args={"name": topo_name, "params": params}).run()
+    except RunFailed as e:
+        console.print(f"[red]run failed: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    """Continue an interrupted run in its folder from the last round it recorded."""
+    from testbed.experiment import Experiment, RunFailed
+    from testbed.metrics import console
+    from testbed.recovery import resume_state
+
+    try:
+        state = resume_state(a.run)
+    except ValueError as e:
+        raise ConfigError(f"resume: {e}") from None
+    r = state["resolved"]
+    targs = r.get("topology_args") or {}
+    topo, _ = load_topology(r["topology"], targs.get("name"), targs.get("params") or {})
+    cfg = RunConfig.from_dict(r["config"])
+    console.print(f"resuming {a.run} after round {state['from_round']} of {cfg.rounds}")
+    try:
+        Experiment(cfg, topo, topology=r["topology"], loopback=bool(r.get("loopback")),
+                   topology_args=targs, resume=state).run()
     except RunFailed as e:
         console.print(f"[red]run failed: {e}")
         return 1
@@ -217,14 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--goodput-min", type=float, default=0.90,
                     help="least TCP goodput / configured rate that passes")
     lc.set_defaults(func=cmd_linkcheck)
+    rs = sub.add_parser("resume", help="continue an interrupted run from its last round")
+    rs.add_argument("run", help="the run folder (runs/<time>-<name>)")
+    rs.set_defaults(func=cmd_resume)
     c = sub.add_parser("caps", help="print what this kernel offers for link emulation")
     c.set_defaults(func=cmd_caps)
     from testbed.compare import add_parser as add_compare  # it imports this module
 
     add_compare(sub)
-    from testbed.scenario import add_parser as add_scenario
-
-    add_scenario(sub)
     return p
 
 

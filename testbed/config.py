@@ -59,6 +59,11 @@ class RunConfig:
     cycles: dict[str, float] = field(default_factory=dict)  # modelled compute speed, cycles/s
     flops_per_cycle: float = 1.0        # eta (algorithms.md 11.2)
     backward_flops_factor: float = 2.0  # beta: backward FLOPs per forward FLOP (11.1)
+    # Fault tolerance (docs/fault-tolerance.md): beat period, beats missed before a node is
+    # declared dead, and how many node restarts a run may use (0: any death fails the run).
+    heartbeat_s: float = 0.5
+    heartbeat_misses: int = 10
+    max_restarts: int = 3
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -128,7 +133,10 @@ class RunConfig:
             need(isinstance(m, dict) and all(
                 isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                 and ok(v) for k, v in m.items()), f, f"expected a mapping host or role -> {what}")
-        for f in ("flops_per_cycle", "backward_flops_factor"):
+        pos_int("heartbeat_misses")
+        need(isinstance(self.max_restarts, int) and not isinstance(self.max_restarts, bool)
+             and self.max_restarts >= 0, "max_restarts", "expected an integer >= 0")
+        for f in ("flops_per_cycle", "backward_flops_factor", "heartbeat_s"):
             need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
                  "expected a number > 0")
         need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),

@@ -31,20 +31,23 @@ from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
+from testbed.migration import note
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
-from testbed.scenario import (
-    REACTIONS,
-    Scenario,
-    ScenarioError,
-    ScenarioRunner,
-    link_ops,
-    record_line,
-)
+from testbed.recovery import Recovery
+from testbed.scenario import REACTIONS, Scenario, ScenarioError, ScenarioRunner, link_ops
 
 
 class RunFailed(RuntimeError):
     """The run could not complete; the message says which node or step and why."""
+
+
+class NodesDead(RunFailed):
+    """Nodes died (process exit or missed heartbeats): testbed.recovery may redo the round."""
+
+    def __init__(self, dead: dict[str, str], detail: str) -> None:
+        super().__init__(detail)
+        self.dead = dead
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
@@ -67,10 +70,13 @@ class Experiment:
                  on_start: Callable[[Experiment], None] | None = None,
                  on_ready: Callable[[Experiment], None] | None = None,
                  scenario: Scenario | None = None,
-                 loopback: bool = False) -> None:
+                 loopback: bool = False, topology_args: dict[str, Any] | None = None,
+                 resume: dict[str, Any] | None = None) -> None:
         """on_start(exp): called once the network is up, before any node starts (e.g. to
         start a packet capture); on_ready(exp): every node is up and idle, before round 1;
-        on_round(exp, round): after each round is recorded."""
+        on_round(exp, round): after each round is recorded. topology_args: {"name",
+        "params"} the topology was built with (recorded for `sledge resume`); resume: from
+        testbed.recovery.resume_state, continue that run folder."""
         cfg.validate()
         self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
         self.on_start, self.on_ready = on_start, on_ready
@@ -108,6 +114,9 @@ class Experiment:
             self.scenario = scenario or (Scenario.load(cfg.scenario) if cfg.scenario else None)
         except ScenarioError as e:
             raise RunFailed(str(e)) from None
+        self.topology_args = topology_args or {}
+        self.resume = resume
+        self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.recovery)
         try:
             self.host_roles = host_roles(topo, cfg.roles)
             for key in ("cpu", "mem_mb"):
@@ -139,6 +148,7 @@ class Experiment:
         net = self.network
         return {
             "run": self.run_id, "config": self.cfg.to_dict(), "topology": self.topology,
+            "topology_args": self.topology_args, "loopback": self.loopback,
             "roles": self.roles,
             "capabilities": self.caps.to_dict(),
             "network": net.kind, "hosts": net.describe_hosts(),
@@ -157,17 +167,24 @@ class Experiment:
     # -- control --------------------------------------------------------------------------------
     def _fail_if_dead(self) -> None:
         self._scenario_check()
+        dead = self.recovery.dead()  # exited, or silent for too many heartbeats
+        details = []
         for p in self.procs.values():
             rc = p.returncode()
-            if rc is None:
+            if rc is None or p.name not in dead:
                 continue
             if self.network.oom_kills(p.name):
                 mem = self.limits.get(p.name, {}).get("mem_mb")
                 raise RunFailed(f"node {p.name} was killed by the kernel's OOM killer: it "
                                 f"exceeded host {p.name}'s memory limit of {mem} MiB (mem_mb; "
                                 f"exit code {rc}); log: {p.log_path}")
-            raise RunFailed(f"node {p.name} exited with code {rc}; last log lines "
-                            f"({p.log_path}):\n{p.log_tail()}")
+            details.append(f"node {p.name} exited with code {rc}; last log lines "
+                           f"({p.log_path}):\n{p.log_tail()}")
+        if dead:
+            detail = "\n".join(details) or f"node(s) dead: {dead}"
+            raise NodesDead(dead, detail) if self.recovery.enabled else RunFailed(detail)
+        if why := self.recovery.stuck():
+            raise RunFailed(f"nodes aborted their round but no node died: {why}")
 
     def _collect(self, mtype: str, rnd: int, timeout_s: float, what: str,
                  nodes: list[str] | None = None) -> dict[str, Any]:
@@ -176,14 +193,19 @@ class Experiment:
         got: dict[str, Any] = {}
         want = set(self.procs if nodes is None else nodes)
         deadline = time.monotonic() + timeout_s
+        check = 0.0  # heartbeats keep the socket busy: check for deaths on a clock
         while len(got) < len(want):
-            if time.monotonic() > deadline:
+            if (now := time.monotonic()) > deadline:
                 missing = sorted(want - set(got))
                 raise RunFailed(f"{what}: no {mtype} from {missing} within {timeout_s:.0f}s")
+            if now >= check and not self._control.poll(0):  # read queued beats first
+                self._fail_if_dead()
+                check = now + 0.2
             try:  # recv, not poll+recv(0): an invalid message is dropped and must not crash us
                 sender, msg = self._control.recv(0.2)
             except TimeoutError:
-                self._fail_if_dead()
+                continue
+            if self.recovery.on_message(sender, msg):  # heartbeats, aborted rounds
                 continue
             if msg.type == "ERROR":
                 raise RunFailed(f"node {sender} failed: {msg.meta.get('error')}\n"
@@ -200,7 +222,8 @@ class Experiment:
     def run(self) -> dict:
         cfg = self.cfg
         old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-        self.run_dir = RunDir(cfg.out_dir, cfg.name)
+        self.run_dir = (RunDir.existing(self.resume["path"]) if self.resume
+                        else RunDir(cfg.out_dir, cfg.name))
         self.run_id = os.path.basename(self.run_dir.path)
         for line in self.caps.describe():
             console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
@@ -220,11 +243,14 @@ class Experiment:
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
             self.node_configs = self._plan().configs
+            for nc in self.node_configs.values():
+                nc["heartbeat_s"] = cfg.heartbeat_s
             if not self.loopback:
                 self._install_routes()
                 if cfg.linkcheck:
                     self._linkcheck()
-            self.run_dir.write_json("config.json", self._resolved_config())
+            if not self.resume:  # a resumed run keeps its config.json
+                self.run_dir.write_json("config.json", self._resolved_config())
             test = load_dataset(cfg.dataset, "test", root=cfg.data_root, limit=cfg.test_limit,
                                 seed=cfg.seed)
             evaluator = Evaluator(self.model_kwargs, cfg.cuts, test) if cfg.evaluate else None
@@ -234,9 +260,14 @@ class Experiment:
             if self.on_start:
                 self.on_start(self)
             self.launcher = make_launcher(cfg.launcher)
+            first = self._resume_start() if self.resume else 1
             for name, nc in self.node_configs.items():
-                path = self.run_dir.file("nodes", f"{name}.json")
-                self.run_dir.write_json(os.path.join("nodes", f"{name}.json"), nc)
+                rel = os.path.join("nodes", f"{name}.json")
+                if self.resume:  # from the checkpoint of the last recorded round
+                    rel = os.path.join("resume", f"{name}.json")
+                    nc = {**nc, "restore_round": first - 1}
+                path = self.run_dir.file(rel)
+                self.run_dir.write_json(rel, nc)
                 self.procs[name] = self.launcher.start(self.network.host(name), path,
                                                        self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
@@ -244,9 +275,11 @@ class Experiment:
                 hello = self._collect("HELLO", 0, cfg.start_timeout_s, "start-up")
             # Round 1's traffic is counted from here: the data-plane HELLOs are start-up.
             self._startup_proto = {n: m.get("proto", {}) for n, m in hello.items()}
+            for rec in self.rounds:  # recorded before a resume: counters restart from here
+                rec["_proto"] = self._startup_proto
             if self.on_ready:
                 self.on_ready(self)
-            for rnd in range(1, cfg.rounds + 1):
+            for rnd in range(first, cfg.rounds + 1):
                 self._scenario_step("before_round", rnd)
                 self._round(rnd, evaluator)
                 self._scenario_step("after_round", rnd)
@@ -256,6 +289,8 @@ class Experiment:
             for p in self.procs.values():
                 p.wait(30)
             summary = summarize(self.rounds, planned=cfg.rounds)
+            summary["recovery"] = self.recovery.summary([r["round"] for r in self.rounds],
+                                                        cfg.rounds)
             self.run_dir.write_json("summary.json", summary)
             self._plot()
             print_summary(summary, str(self.run_dir.path))
@@ -267,12 +302,34 @@ class Experiment:
             self._teardown()
             signal.signal(signal.SIGTERM, old_term)
 
+    def _resume_start(self) -> int:
+        """The first round to run when resuming; the recorded ones count as done."""
+        self.rounds = [dict(r) for r in self.resume["rounds"]]
+        first = self.resume["from_round"] + 1
+        note(self, {"kind": "resume", "from_round": first - 1, "time": time.time()})
+        return first
+
     def _round(self, rnd: int, evaluator: Evaluator | None) -> None:
         before = self.network.counters()
         t0 = time.perf_counter()
-        self._broadcast(rnd, cmd="round", iters=self.iters)
-        with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
-            reports = self._collect("REPORT", rnd, self.cfg.round_timeout_s, f"round {rnd}")
+        attempts = 0
+        while True:  # a node dying mid-round makes the round redo (testbed.recovery)
+            attempts += 1
+            self._broadcast(rnd, cmd="round", iters=self.iters)
+            try:
+                with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
+                    reports = self._collect("REPORT", rnd, self.cfg.round_timeout_s,
+                                            f"round {rnd}")
+                break
+            except NodesDead as e:
+                console.print(f"[yellow]round {rnd}: {sorted(e.dead)} dead ({e.dead}); "
+                              f"restarting from round {rnd - 1}'s checkpoints")
+                try:
+                    restarted = self.recovery.recover(rnd, e.dead)
+                except NodesDead as again:
+                    raise RunFailed(f"round {rnd}: a node died during recovery: {again}") from None
+                base = self.rounds[-1]["_proto"] if self.rounds else self._startup_proto
+                base.update({n: m.get("proto", {}) for n, m in restarted.items()})
         wall = time.perf_counter() - t0
         ifaces = counter_delta(self.network.counters(), before)
         prev = self.rounds[-1]["_proto"] if self.rounds else self._startup_proto
@@ -287,6 +344,8 @@ class Experiment:
         rec = {"round": rnd, "time": time.time(), "wall_s": wall, "iters": self.iters,
                "train_loss": sum(r["loss_sum"] for r in reports.values()) / max(loss_n, 1),
                "nodes": nodes, "interfaces": ifaces}
+        if attempts > 1:
+            rec["attempts"] = attempts
         with self.event_lock:  # the scenario timer may be adding one
             if self.events:
                 rec["events"], self.events = self.events, []
@@ -359,8 +418,6 @@ class Experiment:
             if rec.get("kind") != "position":
                 self.events.append(rec)
             self.run_dir.append("events.jsonl", rec)
-        if line := record_line(rec):
-            console.print(f"[cyan]scenario: {line}")
 
     def _plot(self) -> None:
         from testbed.metrics import plot_rounds

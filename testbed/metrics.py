@@ -31,11 +31,19 @@ class RunDir:
         for sub in ("logs", "ckpt", "nodes"):
             (path / sub).mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def existing(cls, path: str | os.PathLike) -> RunDir:
+        """An existing run folder, to append to (sledge resume)."""
+        run_dir = cls.__new__(cls)
+        run_dir.path = Path(path)
+        return run_dir
+
     def file(self, *parts: str) -> str:
         return str(self.path.joinpath(*parts))
 
     def write_json(self, name: str, obj: Any) -> None:
         target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(json.dumps(obj, indent=2, default=str))
         os.replace(tmp, target)

@@ -1,0 +1,103 @@
+"""Node side of fault tolerance: heartbeats, aborting a round, rollback and rejoin.
+
+Division of labour (docs/fault-tolerance.md): the controller (testbed.recovery) decides who is
+dead and what every node does next; a node only
+- beats: a `Heartbeat` thread with its own DEALER (identity `<name>#hb`) on the ipc control
+  path sends HEARTBEAT every `interval_s`. It never touches the data plane, so a transfer that
+  takes minutes on a slow link cannot delay a beat; ZeroMQ sockets are not thread-safe, hence
+  its own socket;
+- aborts: the same thread receives ABORT(epoch) from the controller and raises `abort_epoch`;
+  every data-plane wait (protocol.Endpoint.interrupt) checks `abort_epoch > ctx.epoch` every
+  100 ms, so a node blocked on a dead peer gives up within that, not after step_timeout_s;
+- obeys two CTRL commands between attempts (COMMANDS, dispatched by nodes.runtime):
+  `rollback` (enter a new epoch: stale messages dropped, queued ones forgotten; reload the
+  checkpoint of the last round every node completed) and `rejoin` (say HELLO to / wait for the
+  HELLO of a restarted peer, so both sides' sockets know each other again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from nodes.context import NodeContext
+from nodes.protocol import Endpoint
+
+
+class Heartbeat(threading.Thread):
+    """Beats to the controller every `interval_s` and receives ABORTs, on its own socket."""
+
+    def __init__(self, zctx: zmq.Context, name: str, run: str, control: str,
+                 interval_s: float, epoch: int = 0) -> None:
+        super().__init__(name=f"heartbeat-{name}", daemon=True)
+        self.zctx, self.node, self.run_id, self.control = zctx, name, run, control
+        self.interval_s = interval_s
+        self.abort_epoch = epoch  # the highest epoch the controller asked to abort towards
+        self.beats = 0
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        # Short send timeout and no linger: a beat that cannot leave is simply skipped.
+        ep = Endpoint(self.zctx, "dealer", f"{self.node}#hb", run=self.run_id,
+                      send_timeout_s=self.interval_s, linger_s=0.0)
+        try:
+            ep.connect(self.control)
+            next_beat = time.monotonic()
+            while not self._stop_evt.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    ep.epoch = self.abort_epoch  # the controller drops beats of older epochs
+                    with contextlib.suppress(TimeoutError):
+                        ep.send("HEARTBEAT", meta={"n": self.beats})
+                        self.beats += 1
+                    next_beat = now + self.interval_s
+                try:
+                    _, msg = ep.recv(max(0.0, min(next_beat - time.monotonic(), 0.1)))
+                except TimeoutError:
+                    continue
+                if msg.type == "CTRL" and msg.meta.get("cmd") == "abort":
+                    self.abort_epoch = max(self.abort_epoch, int(msg.meta["epoch"]))
+        finally:
+            ep.close()
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(5.0)
+
+
+def start_heartbeat(ctx: NodeContext, zctx: zmq.Context, config: dict[str, Any]
+                    ) -> Heartbeat | None:
+    """Start the node's heartbeat (config `heartbeat_s`; none when absent) and make the data
+    plane's waits abortable by it."""
+    interval = config.get("heartbeat_s")
+    if not interval:
+        return None
+    hb = Heartbeat(zctx, ctx.name, ctx.run, config["control"], float(interval), ctx.epoch)
+    hb.start()
+    ctx.set_interrupt(lambda: hb.abort_epoch > ctx.epoch)
+    return hb
+
+
+def rollback(ctx: NodeContext, scheme: Any, zctx: zmq.Context, meta: dict) -> dict:
+    """Enter epoch `meta.epoch` and reload the checkpoint of round `meta.to_round`."""
+    ctx.set_epoch(int(meta["epoch"]))
+    ctx.restore(int(meta["to_round"]))
+    return {"epoch": ctx.epoch, "restored": int(meta["to_round"])}
+
+
+def rejoin(ctx: NodeContext, scheme: Any, zctx: zmq.Context, meta: dict) -> dict:
+    """HELLO on the endpoints named in `meta.hello` (peers or proxies, towards a restarted
+    node) and wait for the HELLOs of the identities in `meta.accept` (from it)."""
+    from nodes.runtime import open_data_plane  # the runtime imports this module
+
+    t0 = time.perf_counter()
+    open_data_plane(ctx, list(meta.get("accept", [])), float(meta.get("timeout_s", 180.0)),
+                    hello=list(meta.get("hello", [])))
+    return {"rejoin_s": time.perf_counter() - t0}
+
+
+COMMANDS = {"rollback": rollback, "rejoin": rejoin}

@@ -1,0 +1,257 @@
+"""Controller side of fault tolerance: who is dead, and how a round is redone without loss.
+
+Division of labour (docs/fault-tolerance.md; the node side is nodes.fault):
+- `Liveness` keeps the time of every node's last heartbeat (its own thread and socket on the
+  ipc control path, so data-plane transfers never delay it); a node is dead when it has been
+  silent for `heartbeat_s * heartbeat_misses`, or at once when its process exits.
+- `Recovery.recover` turns a death during round r into a redo of round r (a round-level
+  transaction: every node checkpoints at the end of every round, so round r - 1's state is on
+  disk everywhere): ABORT the survivors (their data-plane waits give up within 100 ms),
+  `rollback` them to round r - 1 in a new epoch (messages of the aborted attempt are then
+  dropped by every receiver), restart the dead nodes on their hosts from their round r - 1
+  checkpoints through the run's launcher, `rejoin` (HELLOs both ways, so ROUTERs know the new
+  connections), and the experiment broadcasts round r again.
+- `resume_state` reads an interrupted run folder for `sledge resume`.
+- Scenario reactions (testbed.scenario): `kill` signals a node's process; `restart` stops it
+  gracefully; either way the death is seen and the node comes back through `recover`.
+Every death, restart and rollback goes to events.jsonl (and the next round's record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from testbed.migration import note
+from testbed.scenario import register
+
+if TYPE_CHECKING:
+    from testbed.experiment import Experiment
+
+
+class Liveness:
+    """Last heartbeat per node; `overdue` names the nodes silent for longer than allowed."""
+
+    def __init__(self, interval_s: float, misses: int) -> None:
+        self.timeout_s = interval_s * misses
+        self.last: dict[str, float] = {}
+        self.beats: dict[str, int] = {}
+
+    def beat(self, name: str) -> None:
+        self.last[name] = time.monotonic()  # watched from its first beat
+        self.beats[name] = self.beats.get(name, 0) + 1
+
+    def overdue(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {n: now - t for n, t in self.last.items() if now - t > self.timeout_s}
+
+
+class Recovery:
+    """The run's fault-tolerance state: epoch, restarts used, what was redone."""
+
+    def __init__(self, exp: Experiment) -> None:
+        cfg = exp.cfg
+        self.exp = exp
+        self.enabled = cfg.max_restarts > 0 and bool(cfg.heartbeat_s)
+        self.liveness = Liveness(cfg.heartbeat_s, cfg.heartbeat_misses)
+        self.epoch = 0
+        self.failures = self.restarts = self.rollbacks = 0
+        self.redone: list[int] = []  # one entry per redo of a round
+        self.aborted: dict[str, tuple[float, str]] = {}  # node -> (when, why) this attempt
+        self.down: set[str] = set()  # dead and not yet restarted: not reported again
+
+    # -- detection ----------------------------------------------------------------------------
+    def on_message(self, sender: str, msg: Any) -> bool:
+        """Handle the control messages that belong to liveness; True if it was one."""
+        if msg.type == "HEARTBEAT":
+            self.liveness.beat(sender.removesuffix("#hb"))
+            return True
+        if msg.type == "ABORTED":
+            self.aborted.setdefault(sender, (time.monotonic(), msg.meta.get("error", "")))
+            return True
+        return False
+
+    def dead(self) -> dict[str, str]:
+        """Node -> why it is considered dead (its process exited, or it fell silent)."""
+        procs = self.exp.procs  # a node migrated away has left it, and is not watched
+        out = {n: f"exited with code {p.returncode()}" for n, p in procs.items()
+               if n not in self.down and p.returncode() is not None}
+        for n, silence in self.liveness.overdue().items():
+            if n in procs and n not in self.down:
+                out.setdefault(n, f"no heartbeat for {silence:.1f}s "
+                                  f"(limit {self.liveness.timeout_s:.1f}s)")
+        return out
+
+    def stuck(self) -> str | None:
+        """A node aborted its round although nobody died (e.g. a peer unreachable): after the
+        time a death would have taken to show, that is a failure, not a fault to recover."""
+        if not self.aborted:
+            return None
+        first = min(t for t, _ in self.aborted.values())
+        if time.monotonic() - first < self.liveness.timeout_s + 2.0:
+            return None
+        return "; ".join(f"{n}: {why}" for n, (_, why) in sorted(self.aborted.items()))
+
+    # -- reaction -----------------------------------------------------------------------------
+    def recover(self, rnd: int, dead: dict[str, str]) -> dict[str, dict]:
+        """Redo round `rnd` after `dead` died in it: returns the restarted nodes' HELLO metas
+        (their data-plane counters start again from zero)."""
+        from testbed.experiment import RunFailed
+
+        exp = self.exp
+        t0 = time.perf_counter()
+        self.failures += len(dead)
+        for n, why in sorted(dead.items()):
+            note(exp, {"kind": "node_dead", "node": n, "round": rnd, "why": why,
+                       "time": time.time()})
+        if self.restarts + len(dead) > exp.cfg.max_restarts:
+            raise RunFailed(f"round {rnd}: node(s) {sorted(dead)} died ({dead}); the run "
+                            f"already used {self.restarts} of max_restarts="
+                            f"{exp.cfg.max_restarts} restarts")
+        survivors = [n for n in exp.procs if n not in dead]
+        self.down |= set(dead)
+        self.epoch += 1
+        # From here the controller stamps this epoch and drops anything older (reports of
+        # the aborted attempt); nodes started later (restarts, migrations) start in it.
+        exp._control.epoch = self.epoch
+        for nc in exp.node_configs.values():
+            nc["epoch"] = self.epoch
+        for n in survivors:  # their heartbeat threads raise the abort flag at once
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                exp._control.send("CTRL", to=f"{n}#hb", round=rnd,
+                                  meta={"cmd": "abort", "epoch": self.epoch})
+        for n in dead:  # one silent but alive must not come back as a twin
+            exp.procs[n].stop(grace_s=1.0)
+            self.liveness.last.pop(n, None)
+        to_round = rnd - 1
+        for n in survivors:
+            exp._control.send("CTRL", to=n, round=rnd, meta={
+                "cmd": "rollback", "epoch": self.epoch, "to_round": to_round})
+        exp._collect("REPORT", rnd, exp.cfg.start_timeout_s, f"round {rnd}: rollback",
+                     nodes=survivors)
+        self.rollbacks += 1
+        note(exp, {"kind": "rollback", "round": rnd, "to_round": to_round, "epoch": self.epoch,
+                   "nodes": survivors, "time": time.time()})
+        for n in sorted(dead):
+            self.restart(n, to_round)
+        for n, m in rejoin_plan(exp.node_configs, list(dead)).items():
+            exp._control.send("CTRL", to=n, round=rnd, meta={
+                "cmd": "rejoin", **m, "timeout_s": exp.cfg.start_timeout_s})
+        hello = exp._collect("HELLO", 0, exp.cfg.start_timeout_s, f"round {rnd}: restart",
+                             nodes=list(dead))
+        self.aborted.clear()
+        self.redone.append(rnd)
+        note(exp, {"kind": "redo", "round": rnd, "restarted": sorted(dead),
+                   "recovery_s": time.perf_counter() - t0, "time": time.time()})
+        return hello
+
+    def restart(self, name: str, to_round: int) -> None:
+        """Start `name` again on its host, from its checkpoint of `to_round`, in this epoch."""
+        exp = self.exp
+        cfg = {**exp.node_configs[name], "restore_round": to_round}
+        rel = os.path.join("restarts", f"{name}.json")
+        exp.run_dir.write_json(rel, cfg)
+        exp.procs[name] = exp.launcher.start(exp.network.host(name), exp.run_dir.file(rel),
+                                             exp.run_dir.file("logs", f"{name}.log"))
+        exp.run_dir.write_json("pids.json", {n: p.pid for n, p in exp.procs.items()})
+        self.down.discard(name)
+        self.restarts += 1
+        note(exp, {"kind": "restart", "node": name, "pid": exp.procs[name].pid,
+                   "from_round": to_round, "epoch": self.epoch, "time": time.time()})
+
+    def summary(self, completed: list[int], planned: int) -> dict[str, Any]:
+        """Counts for summary.json. A round is lost when it never completed; a redone round
+        completed (recovered), so it is not lost."""
+        done = set(completed)
+        return {"failures": self.failures, "restarts": self.restarts,
+                "rollbacks": self.rollbacks, "rounds_redone": len(self.redone),
+                "redone": self.redone,
+                "rounds_lost": sum(1 for r in range(1, planned + 1) if r not in done)}
+
+
+def rejoin_plan(configs: dict[str, dict], restarted: list[str]) -> dict[str, dict[str, list]]:
+    """For every survivor that talks to a restarted node: which of its DEALERs (peers, or
+    proxies speaking as a client) must say HELLO to it, and whose HELLOs its ROUTER must
+    wait for (the identities the restarted node dials it with)."""
+    back = {configs[r].get("listen") for r in restarted} - {None}
+    out: dict[str, dict[str, list]] = {}
+    for n, c in configs.items():
+        if n in restarted:
+            continue
+        dials = {**c.get("peers", {}), **c.get("proxies", {})}  # endpoint key -> address
+        hello = [k for k, a in dials.items() if a in back]
+        accept = []  # a DEALER's identity: its node's name, or the client a proxy speaks as
+        for r in restarted:
+            accept += [r for a in configs[r].get("peers", {}).values() if a == c.get("listen")]
+            accept += [k for k, a in configs[r].get("proxies", {}).items()
+                       if a == c.get("listen")]
+        if hello or accept:
+            out[n] = {"hello": hello, "accept": accept}
+    return out
+
+
+def checkpoint_rounds(path: str) -> list[int]:
+    """The rounds a node's checkpoint files (current and .prev) hold."""
+    out = []
+    for p in (path, f"{path}.prev"):
+        if os.path.exists(p):
+            out.append(int(torch.load(p, weights_only=True)["round"]))
+    return out
+
+
+def resume_state(run_path: str | os.PathLike) -> dict[str, Any]:
+    """What `sledge resume` needs from an interrupted run folder: its config and topology,
+    the rounds recorded, and the round to restart from (the last one recorded, which every
+    node checkpointed: a node is at most one round ahead, and keeps the previous file)."""
+    path = Path(run_path)
+    try:
+        resolved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a run folder (config.json: {e})") from None
+    if (path / "summary.json").exists():
+        raise ValueError(f"{path}: the run completed (summary.json exists); nothing to resume")
+    rounds = []
+    if (path / "rounds.jsonl").exists():
+        from testbed.metrics import read_rounds
+
+        rounds = read_rounds(path)
+    last = rounds[-1]["round"] if rounds else 0
+    missing = {}
+    for f in sorted((path / "nodes").glob("*.json")):
+        nc = json.loads(f.read_text())
+        if nc.get("checkpoint") and last not in (have := checkpoint_rounds(nc["checkpoint"])):
+            missing[nc["name"]] = have
+    if missing:
+        raise ValueError(f"{path}: no checkpoint of round {last} (the last recorded) for "
+                         f"{missing} (node -> rounds found)")
+    return {"path": str(path), "resolved": resolved, "rounds": rounds, "from_round": last}
+
+
+def _signal_node(exp: Experiment, node: str, sig: str) -> dict[str, Any]:
+    p = exp.procs.get(node)
+    if p is None:
+        raise ValueError(f"no node process on host {node!r}; nodes: {sorted(exp.procs)}")
+    p._signal(signal.SIGKILL if sig == "KILL" else signal.SIGTERM)
+    return {"node": node, "pid": p.pid, "signal": sig}
+
+
+@register("kill")
+def on_kill(exp: Experiment, ev: Any, ctx: Any) -> dict[str, Any]:
+    """A scenario's `kill`: signal the node's process group now (from the timer thread too:
+    no socket is touched). The controller sees the exit and redoes the round from the last
+    checkpoints, restarting the node (Recovery.recover); with max_restarts=0 the run fails."""
+    return _signal_node(exp, ev.node, ev.signal)
+
+
+@register("restart")
+def on_restart(exp: Experiment, ev: Any, ctx: Any) -> dict[str, Any]:
+    """A scenario's `restart`: stop the node (SIGTERM) so that recovery restarts it from its
+    checkpoint; restarts are automatic, so a `kill` needs no `restart` after it."""
+    return _signal_node(exp, ev.node, "TERM")
