@@ -488,13 +488,18 @@ class LinkOps:
                 self.controller.down.add(frozenset((a, b)))
             elif status is True:
                 self.controller.down.discard(frozenset((a, b)))
-            self.controller.recompute()
+            echo, self.controller.echo = self.controller.echo, lambda _: None
+            try:  # the routes are printed when they change, not at every mobility sample
+                self.controller.recompute()
+            finally:
+                self.controller.echo = echo
             out["reroute_s"] = time.perf_counter() - t1
             after = self._paths()
             changed = {k: after.get(k) for k in set(before) | set(after)
                        if before.get(k) != after.get(k)}
             if changed:
                 out["paths_changed"] = dict(sorted(changed.items()))
+                self.controller._print_routes()
             lost = self.controller.state.get("unreachable") or []
             if lost:
                 out["unreachable"] = lost
