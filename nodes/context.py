@@ -73,6 +73,7 @@ class NodeContext:
     segments: dict[int, nn.Sequential]
     optimizers: dict[int, torch.optim.Optimizer]
     roles: dict[str, list[str]]               # role -> node names (the whole run's)
+    placement: dict[str, list[int]] = field(default_factory=dict)  # node -> segments (the run's)
     router: Endpoint | None = None            # where peers connect to us
     peers: dict[str, Endpoint] = field(default_factory=dict)  # where we connect to
     # A relay of a chain: client -> the endpoint that speaks upstream as that client.

@@ -81,6 +81,7 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
     ctx = NodeContext(
         name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
         roles={r: list(h) for r, h in config["roles"].items()}, router=router,
+        placement={n: list(s) for n, s in config.get("placement", {}).items()},
         peers=peers, proxies=proxies, data=data, batch_size=config.get("batch_size", 32),
         seed=config.get("seed", 0) * 1000 + config.get("index", 0),
         run_seed=config.get("seed", 0), num_segments=len(segments),

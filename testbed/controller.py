@@ -155,31 +155,39 @@ PLACEMENT_RULE = ("contiguous blocks in path order, the first node holds >= 1 se
                   "any node holds; ties: earlier nodes hold more")
 
 
-def place_segments(costs: Sequence[float], path: Sequence[str],
+def place_segments(costs: Sequence[float] | Mapping[str, Sequence[float]], path: Sequence[str],
                    limits: Mapping[str, float | None] | None = None) -> dict[str, Any]:
-    """Which node on `path` holds which segment (segment i's cost: e.g. its memory in bytes).
+    """Which node on `path` holds which segment (segment i's cost: e.g. its memory in bytes;
+    one list for every node, or node -> its own list, e.g. when a node's batch is larger).
     A DP over (node, segments placed so far); see PLACEMENT_RULE. Raises when nothing fits."""
+    per = costs if isinstance(costs, Mapping) else dict.fromkeys(path, costs)
+    costs = list(per[path[0]])
     n, k, limits = len(costs), len(path), limits or {}
     if not n or not k:
         raise ValueError("placement needs at least one segment and one node")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
+    prefixes = []
+    for v in path:
+        prefixes.append([0.0])
+        for c in per[v]:
+            prefixes[-1].append(prefixes[-1][-1] + c)
+
+    def held(j: int, t: int, i: int) -> float:  # node j holding segments [t, i)
+        return prefixes[j][i] - prefixes[j][t]
 
     def fits(j: int, t: int, i: int) -> bool:
         lim = limits.get(path[j])
-        return lim is None or prefix[i] - prefix[t] <= lim
+        return lim is None or held(j, t, i) <= lim
 
     # best[j][i]: least max-load putting segments [0, i) on nodes 0..j; cut[j][i]: node j's start.
     best = [[INF] * (n + 1) for _ in range(k)]
     cut = [[0] * (n + 1) for _ in range(k)]
     for i in range(1, n + 1):
         if fits(0, 0, i):
-            best[0][i] = prefix[i]
+            best[0][i] = held(0, 0, i)
     for j in range(1, k):
         for i in range(n + 1):
             for t in range(i, -1, -1):  # t descending: earlier nodes keep more on ties
-                load = max(best[j - 1][t], prefix[i] - prefix[t])
+                load = max(best[j - 1][t], held(j, t, i))
                 if fits(j, t, i) and load < best[j][i]:
                     best[j][i], cut[j][i] = load, t
     if best[k - 1][n] == INF:
@@ -195,7 +203,7 @@ def place_segments(costs: Sequence[float], path: Sequence[str],
     segments = {v: [s for s in range(n) if by_segment[s] == v] for v in path}
     return {"rule": PLACEMENT_RULE, "path": list(path), "by_segment": by_segment,
             "segments": {v: s for v, s in segments.items() if s},
-            "bytes": {v: sum(costs[s] for s in segments[v]) for v in path},
+            "bytes": {v: sum(per[v][s] for s in segments[v]) for v in path},
             "limits": {v: limits.get(v) for v in path}}
 
 

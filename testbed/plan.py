@@ -93,7 +93,8 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
         if cfg.tiers:
             mem = {h: v["mem_mb"] for h, v in limits.items() if "mem_mb" in v}
             placement, placement_plan = place_chain(scheme, nseg, roles, cfg.tiers, mem,
-                                                    model_kwargs, cfg.cuts)
+                                                    model_kwargs, cfg.cuts, cfg.batch_size,
+                                                    cfg.momentum)
         else:
             placement = scheme.placement(nseg, roles)
     except ValueError as e:
@@ -107,7 +108,7 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
     iters = cfg.iters_per_round or math.ceil(mean_shard / cfg.batch_size)
     plan = RunPlan(roles, placement, placement_plan, parts, model_kwargs, iters)
     base = {"run": run_id, "scheme": cfg.scheme, "scheme_options": cfg.scheme_options,
-            "model": model_kwargs, "cuts": cfg.cuts, "roles": roles,
+            "model": model_kwargs, "cuts": cfg.cuts, "roles": roles, "placement": placement,
             "shards": {c: len(s) for c, s in zip(clients, shards, strict=True)},
             "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
             "batch_size": cfg.batch_size, "control": control,

@@ -1,7 +1,8 @@
 """Asynchronous SL over real Mininet hosts (topologies/tiny.py): with c2 held to 5 % of the CPU,
 synchronous PSL waits for it every step, the event-driven server does not: the same number of
 server updates takes less time, the fast client contributes more of them, and staleness is
-measured per update (nodes/schemes/async_sl.py)."""
+measured per update, and each client's model is mixed into the global one (FedAsync) when it
+stops (nodes/schemes/async_sl.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def run(tmp_path, scheme: str, **opts):
 @pytest.fixture(scope="module")
 def straggler(tmp_path_factory):
     return {s: run(tmp_path_factory.mktemp(s), s, **o) for s, o in (
-        ("psl", {}), ("async_sl", {"staleness_policy": "lr_decay"}))}
+        ("psl", {}), ("async_sl", {"staleness_policy": "lr_decay",
+                                   "client_mix": "fedasync_mix"}))}
 
 
 def test_async_server_does_not_wait_for_the_straggler(straggler):
@@ -56,3 +58,5 @@ def test_staleness_is_measured_per_update(straggler):
     assert len(taus) == 2 * ITERS + srv["dropped"]
     assert all(t >= 0 for t in taus) and max(taus) >= 1  # two clients interleave
     assert sum(srv["staleness_hist"].values()) == len(taus)
+    # fedasync_mix: each client's W_c mixed into the global one once, when it stopped
+    assert len(srv["client_staleness"]) == 2 and srv["counters"]["aggregations"] == 2

@@ -10,10 +10,10 @@ import os
 import pytest
 
 from nodes.models import build_model, segment_output_shape, split_model
-from testbed.chains import segment_bytes
+from nodes.schemes import get_scheme
+from testbed.chains import place_chain
 from testbed.cli import load_topology
 from testbed.config import ConfigError, RunConfig
-from testbed.controller import place_segments
 from testbed.experiment import Experiment, RunFailed
 from testbed.metrics import read_rounds
 
@@ -27,7 +27,10 @@ BATCH, ITERS = 32, 20
 NOISE = 64 * 1024
 
 
-def run(tmp_path, topo_path=HIER, topo_params=None, loopback=False, **cfg):
+def run_exp(tmp_path, topo_path=HIER, topo_params=None, loopback=False,
+            **cfg) -> tuple[Experiment, dict, list[dict]]:
+    """One run (by default users -> edge -> cloud, two users): the experiment, its
+    config.json and its rounds."""
     params = topo_params if topo_params is not None else {
         "users": 2, "edges": 1, "cec_ratio": 0.5,
         "links": {"access": CLEAN, "edge_cloud": CLEAN}}
@@ -39,7 +42,11 @@ def run(tmp_path, topo_path=HIER, topo_params=None, loopback=False, **cfg):
                      loopback=loopback)
     exp.run()
     config = json.loads((exp.run_dir.path / "config.json").read_text())
-    return config, read_rounds(exp.run_dir.path)
+    return exp, config, read_rounds(exp.run_dir.path)
+
+
+def run(tmp_path, topo_path=HIER, topo_params=None, loopback=False, **cfg):
+    return run_exp(tmp_path, topo_path, topo_params, loopback, **cfg)[1:]
 
 
 def act_bytes(segments: int, cuts: list[str] = CUTS) -> int:
@@ -122,16 +129,16 @@ def test_a_relay_tier_computes_what_the_two_tier_server_would(tmp_path):
 
 
 def test_memory_limits_hand_the_chain_placement_to_the_controller(tmp_path):
-    """With mem_mb declared on a tier, the controller's placement (min-max parameter bytes)
-    replaces the scheme's: here the users take two segments, the edge one, the cloud one."""
+    """With mem_mb declared on a tier, the controller's placement (min-max training memory,
+    tests/test_chains_placement.py) replaces the scheme's: here the users take two segments,
+    the edge one, the cloud one."""
     cuts = ["conv1", "conv2", "fc1"]
     kwargs = {"name": "smallcnn", "num_classes": 10, "in_channels": 1, "image_size": 8}
-    plan = place_segments(segment_bytes(kwargs, cuts), ["client", "edge", "server"],
-                          {"edge": 64 * 2**20})
+    roles = {"client": ["u1", "u2"], "edge": ["edge1"], "server": ["cloud"]}
+    expected, plan = place_chain(get_scheme("psl"), 4, roles, ["edge"], {"edge1": 64},
+                                 kwargs, cuts, BATCH, 0.9)
     config, rounds = run(tmp_path, loopback=True, cuts=cuts, mem_mb={"edge": 64},
                          iters_per_round=30)
-    expected = {h: plan["segments"].get(t, []) for h, t in (
-        ("u1", "client"), ("u2", "client"), ("edge1", "edge"), ("cloud", "server"))}
     assert config["placement"] == expected
     assert expected != {"u1": [0], "u2": [0], "edge1": [1], "cloud": [2, 3]}  # the scheme's
     assert config["placement_plan"]["by_segment"] == plan["by_segment"]
@@ -144,8 +151,8 @@ def test_memory_limits_hand_the_chain_placement_to_the_controller(tmp_path):
 def test_chains_fail_early_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match="more cut points than relay tiers"):
         RunConfig.from_dict({"tiers": ["edge"], "cuts": ["conv2"]})
-    with pytest.raises(RunFailed, match="psl_server_mode=concat"):
-        run(tmp_path, loopback=True, scheme_options={"psl_server_mode": "per_client_sequential"})
+    with pytest.raises(RunFailed, match=r"need at least 3 cuts \(u_shaped\), got 2"):
+        run(tmp_path, loopback=True, scheme_options={"u_shaped": True})
     with pytest.raises(RunFailed, match="does not run over a chain"):
         run(tmp_path, loopback=True, scheme="fl")
     with pytest.raises(RunFailed, match=r"role \['edge'\]"):

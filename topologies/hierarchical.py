@@ -21,7 +21,8 @@ user-edge capacity, per direction: of the aggregate of that edge's users' access
 
 Roles: users are "client"; the cloud is "server" and edges "edge" (server="cloud"), or with one
 edge and server="edge" the edge is "server" and the cloud "cloud". `tier` is always user, edge or
-cloud. `links` and `resources` are data as in topologies/cellular.py.
+cloud. With fed=True a fed server (role "fedserver", SplitFed's) sits at the cloud site.
+`links` and `resources` are data as in topologies/cellular.py.
 """
 
 
@@ -51,7 +52,8 @@ def edge_cloud_kwargs(kw: dict, users: int, ratio: float, mode: str) -> dict:
 class HierarchicalTopo(Topo):
     def build(self, users: int = 5, edges: int = 1, cec_ratio: float = 1 / 20,
               cec_mode: str = "aggregate", server: str = "cloud",
-              links: dict | str | None = None, resources: dict | str | None = None) -> None:
+              links: dict | str | None = None, resources: dict | str | None = None,
+              fed: bool = False) -> None:
         if server not in ("cloud", "edge") or (server == "edge" and edges != 1):
             raise ValueError(f"server={server!r}: 'cloud', or 'edge' with exactly one edge")
         given, res = load(links), load(resources)
@@ -69,6 +71,8 @@ class HierarchicalTopo(Topo):
         dpid = iter(range(1, 1 << 16))  # unique datapath ids for Open vSwitch
         cs = self.addSwitch("cs1", dpid=f"{next(dpid):x}")
         self.addLink(host("cloud", "cloud", roles["cloud"], 20.0), cs)
+        if fed:
+            self.addLink(host("fed", "cloud", "fedserver", 20.0), cs)
         n = 0
         for e in range(1, edges + 1):
             es = self.addSwitch(f"es{e}", dpid=f"{next(dpid):x}")

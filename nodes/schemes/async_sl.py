@@ -17,13 +17,18 @@ client's last interaction. Policies (option staleness_policy):
   client discards it and resyncs its v_seen;
 - lr_decay: the server's step size is lr * s(tau).
 s(tau) (option staleness_fn): constant 1; polynomial (1 + tau)^-a; hinge 1 if tau <= b else
-1 / (a (tau - b) + 1). fedasync_mix (client-model mixing) is not implemented: clients keep their
-own first segment, never averaged, as in PSL.
+1 / (a (tau - b) + 1).
+
+Client models (option client_mix): none (each client keeps its own first segment, as in PSL)
+or fedasync_mix (FedAsync): the server keeps a global W_c with its own version; when a client
+stops for the round it sends W_UP with the version it started from, the server mixes
+W_c <- (1 - alpha_t) W_c + alpha_t W_c,i with alpha_t = mix_alpha * s(tau_c), tau_c = global
+version - that version, and answers W_DOWN with the mixed model, which the client adopts.
 
 Reported per round by the server (ctx.extra): staleness (tau of every batch, in order),
-staleness_hist, updates_per_client, dropped; by clients: counters client_steps and
-client_dropped. Clients stay on one scheme path with compression (nodes.compression): ACT and
-GRAD go through send_cut / expect like every split scheme's.
+staleness_hist, updates_per_client, dropped, client_staleness (tau_c of every mix); by
+clients: counters client_steps and client_dropped. Compression (nodes.compression) applies as
+in every split scheme: ACT and GRAD go through send_cut and expect.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from collections import Counter
 import torch
 
 from nodes.context import NodeContext
+from nodes.schemes.base import Roles
 from nodes.schemes.common import SplitScheme, send_cut, send_grad, served, server_forward
+from nodes.schemes.weights import fedavg, pack, unpack
 
 MAX_BATCHES = 10**9  # a client's batches per round: until the server says stop
 
@@ -50,15 +57,32 @@ def staleness_weight(tau: int, fn: str, a: float, b: float) -> float:
 class AsyncSL(SplitScheme):
     name = "async_sl"
     options = {**SplitScheme.options, "staleness_policy": "none", "tau_max": 4,
-               "staleness_fn": "polynomial", "staleness_a": 0.5, "staleness_b": 4.0}
+               "staleness_fn": "polynomial", "staleness_a": 0.5, "staleness_b": 4.0,
+               "client_mix": "none", "mix_alpha": 0.5}
     choices = {"staleness_policy": ("none", "bounded", "lr_decay"),
-               "staleness_fn": ("constant", "polynomial", "hinge")}
+               "staleness_fn": ("constant", "polynomial", "hinge"),
+               "client_mix": ("none", "fedasync_mix")}
 
     def __init__(self, **opts) -> None:
         super().__init__(**opts)
         if self.opts["u_shaped"]:
             raise ValueError("scheme 'async_sl': option u_shaped is not supported")
         self.version = 0   # server: its model version; client: v_seen
+        self.cversion = 0  # fedasync_mix: the global client model's version (server: current)
+
+    def mixing(self) -> bool:
+        return self.opts["client_mix"] == "fedasync_mix"
+
+    def keep_for_clients(self, placement: dict[str, list[int]], roles: Roles,
+                         client_segs: list[int]) -> dict[str, list[int]]:
+        if self.mixing():  # the server holds the global W_c it mixes into
+            for s in roles["server"]:
+                placement[s] = sorted({*client_segs, *placement[s]})
+        return placement
+
+    def weight(self, tau: int) -> float:
+        o = self.opts
+        return staleness_weight(tau, o["staleness_fn"], o["staleness_a"], o["staleness_b"])
 
     def chain_placement(self, num_segments, roles, tiers, by_tier=None):
         if tiers:
@@ -78,6 +102,14 @@ class AsyncSL(SplitScheme):
                      meta={"v_seen": self.version})
             _, msg = ctx.expect(ep, "GRAD", rnd, step)
             if msg.meta.get("stop"):
+                if self.mixing():
+                    segs = self.client_segs(ctx)
+                    ep.send("W_UP", round=rnd, tensors=pack(ctx, segs),
+                            meta={"v_start": self.cversion})
+                    _, down = ctx.expect(ep, "W_DOWN", rnd)
+                    with ctx.compute():
+                        unpack(ctx, down.tensors, segs)
+                    self.cversion = int(down.meta["version"])
                 break
             self.version = int(msg.meta["version"])
             if msg.meta.get("dropped"):
@@ -95,6 +127,7 @@ class AsyncSL(SplitScheme):
         active = set(served(ctx))
         budget, done = iters * len(active), 0
         taus: list[int] = []
+        ctaus: list[int] = []
         per_client: Counter[str] = Counter()
         dropped = 0
         o = self.opts
@@ -103,6 +136,8 @@ class AsyncSL(SplitScheme):
             if done >= budget:  # the round's updates are spent: this client stops
                 ctx.router.send("GRAD", to=c, round=rnd, step=msg.step, meta={"stop": True})
                 active.discard(c)
+                if self.mixing():
+                    ctaus.append(self.mix(ctx, rnd, c))
                 continue
             tau = self.version - int(msg.meta.get("v_seen", 0))
             taus.append(tau)
@@ -111,10 +146,7 @@ class AsyncSL(SplitScheme):
                                 meta={"dropped": True, "version": self.version})
                 dropped += 1
                 continue
-            scale = 1.0
-            if o["staleness_policy"] == "lr_decay":
-                scale = staleness_weight(tau, o["staleness_fn"], o["staleness_a"],
-                                         o["staleness_b"])
+            scale = self.weight(tau) if o["staleness_policy"] == "lr_decay" else 1.0
             p = server_forward(self, ctx, model, [(c, msg)], rnd, msg.step)
             with ctx.compute():
                 for opt in opts:
@@ -129,6 +161,23 @@ class AsyncSL(SplitScheme):
                       {"loss": p.losses[0], "version": self.version})
         ctx.extra.update(staleness=taus, staleness_hist=dict(Counter(map(str, taus))),
                          updates_per_client=dict(per_client), dropped=dropped)
+        if self.mixing():
+            ctx.extra["client_staleness"] = ctaus
+
+    def mix(self, ctx: NodeContext, rnd: int, c: str) -> int:
+        """FedAsync: client `c`'s W_UP into the global W_c at alpha * s(tau_c); W_DOWN back.
+        Returns tau_c."""
+        segs = self.client_segs(ctx)
+        _, up = ctx.expect(ctx.router, "W_UP", rnd, peer=c)
+        tau_c = self.cversion - int(up.meta.get("v_start", 0))
+        alpha = self.opts["mix_alpha"] * self.weight(tau_c)
+        with ctx.compute():
+            unpack(ctx, fedavg([pack(ctx, segs), up.tensors], [1.0 - alpha, alpha]), segs)
+        self.cversion += 1
+        ctx.router.send("W_DOWN", to=c, round=rnd, tensors=pack(ctx, segs),
+                        meta={"version": self.cversion, "alpha": alpha})
+        ctx.count(aggregations=1)
+        return tau_c
 
 
 def step_with_scale(opts: list[torch.optim.Optimizer], scale: float) -> None:

@@ -67,10 +67,11 @@ class Scheme:
         out.update({s: list(range(1, num_segments)) for s in roles["server"]})
         return out
 
-    def chain_placement(self, num_segments: int, roles: Roles,
-                        tiers: list[str]) -> dict[str, list[int]]:
+    def chain_placement(self, num_segments: int, roles: Roles, tiers: list[str],
+                        by_tier: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
         """Segments each node holds when relays of the roles `tiers` (client side first) sit
-        between the clients and the server (an N-segment chain). Default: not supported."""
+        between the clients and the server (an N-segment chain); `by_tier`: tier -> segments
+        when the controller placed them. Default: not supported."""
         raise ValueError(f"scheme {self.name!r} does not run over a chain of relays "
                          f"(tiers {tiers})")
 

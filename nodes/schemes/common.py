@@ -10,9 +10,14 @@ The serving orders a server can follow (`gather`: a barrier over all clients; `s
 `serve_in_order`) and per-client server copies (`ServerCopies`) are plain helpers here; which
 one a scheme uses is that scheme's business. Weights on the wire and FedAvg live in weights.py.
 
-A relay (an intermediate tier of an N-segment chain, docs/multitier.md) runs `relay_update`
-for each server update: its segments forward and backward, activations up and gradients down.
-Upstream it speaks as each client (ctx.proxies), so the next tier serves the clients unchanged.
+A relay (an intermediate tier of an N-segment chain, docs/multitier.md) holds server-side
+segments, so it runs the server's round (`relay_round` is `server_round`) over the clients it
+serves (`served`): the same serving order, the same per-client copies or shared model, the same
+averaging; only where the server runs `server_update` a relay runs `relay_update` (`update`
+picks): its segments forward and backward, activations up and gradients down, and when U-shaped
+the server's last activation down to the client and its gradient back up. Upstream it speaks as
+each client (ctx.proxies), so the next tier serves the clients unchanged. Segments a node holds
+for the clients (SL's store, the fed server) are `client_segs`, from the run's placement.
 
 Counters a server reports per round (ctx.count): server_steps (optimizer steps),
 server_bp_vectors (output-gradient rows back-propagated), grad_rows_down and grad_bytes_down
@@ -57,26 +62,47 @@ class SplitScheme(Scheme):
         own = self.client_segments(num_segments)
         return [s for s in range(num_segments) if s not in own]
 
-    def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
-        out = {c: self.client_segments(num_segments) for c in roles["client"]}
-        out.update({s: self.server_segments(num_segments) for s in roles["server"]})
+    def tier_segments(self, num_segments: int, tiers: list[str]) -> dict[str, list[int]]:
+        """Segments per tier of the path client, `tiers`, server: the clients theirs
+        (`client_segments`), the relays of tier i the i-th of the rest, the server the others."""
+        own = self.client_segments(num_segments)
+        middle = [s for s in range(num_segments) if s not in own]
+        if len(middle) < len(tiers) + 1:
+            raise ValueError(f"{len(tiers)} relay tier(s) {tiers} need at least "
+                             f"{len(tiers) + len(own)} cuts{' (u_shaped)' if len(own) > 1 else ''}"
+                             f", got {num_segments - 1}")
+        out = {"client": own, "server": middle[len(tiers):]}
+        out.update({t: [middle[i]] for i, t in enumerate(tiers)})
         return out
 
-    def chain_placement(self, num_segments: int, roles: Roles,
-                        tiers: list[str]) -> dict[str, list[int]]:
-        """Clients the first segment, the relays of tier i segment i + 1, the server the rest."""
-        if type(self).relay_round is Scheme.relay_round:
-            return super().chain_placement(num_segments, roles, tiers)
-        if self.opts["u_shaped"]:
-            raise ValueError("a chain of relays carries labels upstream: needs u_shaped=false")
-        if num_segments < len(tiers) + 2:
-            raise ValueError(f"{len(tiers)} relay tier(s) {tiers} need at least "
-                             f"{len(tiers) + 1} cuts, got {num_segments - 1}")
-        out = {c: [0] for c in roles["client"]}
-        for i, tier in enumerate(tiers):
-            out.update({h: [i + 1] for h in roles[tier]})
-        out.update({s: list(range(len(tiers) + 1, num_segments)) for s in roles["server"]})
-        return out
+    def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
+        return self.chain_placement(num_segments, roles, [])
+
+    def chain_placement(self, num_segments: int, roles: Roles, tiers: list[str],
+                        by_tier: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+        """Host -> segments: each host its tier's (`by_tier`, e.g. the controller's; default
+        `tier_segments`), plus what the scheme keeps for the clients (`keep_for_clients`)."""
+        by_tier = by_tier or self.tier_segments(num_segments, tiers)
+        out = {h: list(by_tier.get(t, [])) for t in ("client", *tiers, "server")
+               for h in roles[t]}
+        return self.keep_for_clients(out, roles, by_tier["client"])
+
+    def keep_for_clients(self, placement: dict[str, list[int]], roles: Roles,
+                         client_segs: list[int]) -> dict[str, list[int]]:
+        """Add the copies of the client segments other nodes hold (SL's store, SFL's fed
+        server). Default: none."""
+        return placement
+
+    def client_segs(self, ctx: NodeContext) -> list[int]:
+        """The segments a client holds in this run (from the run's placement)."""
+        if ctx.placement and ctx.clients:
+            return sorted(ctx.placement[ctx.clients[0]])
+        return self.client_segments(ctx.num_segments)
+
+    def server_side(self, ctx: NodeContext) -> list[int]:
+        """The server-side segments this node holds (a relay's, or the server's own)."""
+        own = set(self.client_segs(ctx))
+        return [s for s in sorted(ctx.segments) if s not in own]
 
     # -- scales (1.4) ----------------------------------------------------------------------
     def grad_scale(self, n: int) -> float:
@@ -128,25 +154,40 @@ class SplitScheme(Scheme):
 
     # -- server -------------------------------------------------------------------------------
     def server_model(self, ctx: NodeContext) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
-        # In a chain the server holds only the tail of what a two-tier server would.
-        segs = [s for s in self.server_segments(ctx.num_segments) if s in ctx.segments]
+        segs = self.server_side(ctx)
         return ctx.model(segs), [ctx.optimizers[i] for i in segs if i in ctx.optimizers]
 
     def server_copies(self, ctx: NodeContext) -> ServerCopies:
-        """Per-client copies of the server segments, built once per node (so each copy's
-        optimizer state persists across rounds)."""
+        """Per-client copies of the server-side segments, built once per node (so each copy's
+        optimizer state persists across rounds); a relay's for the clients it serves."""
         if getattr(self, "_copies", None) is None:
-            self._copies = ServerCopies(ctx, self.server_segments(ctx.num_segments))
+            self._copies = ServerCopies(ctx, self.server_side(ctx), served(ctx))
         return self._copies
 
-    def relay_update(self, ctx: NodeContext, batch: Batch, rnd: int, step: int,
+    # -- relays -------------------------------------------------------------------------------
+    def relay_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
+        """A relay holds server-side segments: it follows the server's round (module doc)."""
+        self.server_round(ctx, rnd, iters)
+
+    def update(self, ctx: NodeContext, model: nn.Module, opts: list[torch.optim.Optimizer],
+               batch: Batch, rnd: int, step: int, n: int | None = None) -> None:
+        """One server update of `batch` with `model`, or on a relay its part of one; `n`: the
+        clients of the server's batch this one is part of (default: this batch's)."""
+        if ctx.proxies:
+            self.relay_update(ctx, model, opts, batch, rnd, step, n or len(batch))
+        else:
+            self.server_update(ctx, model, opts, batch, rnd, step)
+
+    def relay_update(self, ctx: NodeContext, model: nn.Module,
+                     opts: list[torch.optim.Optimizer], batch: Batch, rnd: int, step: int,
                      n_clients: int) -> None:
-        """A relay's part of one server update (an intermediate tier of a chain): each client's
-        activations through this node's segments and on upstream, sent as that client (labels
-        ride along); then each one's cut gradient back through them and on downstream. One
-        optimizer step on dL/dW: upstream gradients carry the scale grad_scale(n_clients),
+        """A relay's part of one server update: each client's activations through `model` and
+        on upstream, sent as that client (labels ride along); U-shaped, the server's ACT2 down
+        to each client and its GRAD2 back up; then each one's cut gradient (`recv_cut_grad`:
+        as a client would get it) back through `model` and on downstream (`send_cut_grad`).
+        One optimizer step on dL/dW: upstream gradients carry the scale grad_scale(n_clients),
         the n_clients of the server's batch, undone here."""
-        model, passes = ctx.model(), []
+        passes = []
         for c, msg in batch:
             with ctx.compute():
                 x = msg.tensors["act"].clone().requires_grad_()
@@ -154,21 +195,31 @@ class SplitScheme(Scheme):
             ctx.proxies[c].send("ACT", round=rnd, step=step, meta=msg.meta,
                                 tensors={**msg.tensors, "act": out.detach()})
             passes.append((c, x, out))
-        ctx.zero_grad()
+        if self.opts["u_shaped"]:
+            for c, _ in batch:
+                relay_message(ctx, "ACT2", rnd, c, up=False, step=step)
+            for c, _ in batch:
+                relay_message(ctx, "GRAD2", rnd, c, up=True, step=step)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         for c, x, out in passes:
-            _, msg = ctx.expect(ctx.proxies[c], "GRAD", rnd, step)
+            grad = self.recv_cut_grad(ctx, ctx.proxies[c], rnd, step, len(x))
             with ctx.compute():
-                out.backward(msg.tensors["grad"])
-            nbytes = ctx.router.send("GRAD", to=c, round=rnd, step=step, meta=msg.meta,
-                                     tensors={"grad": x.grad})
-            ctx.count(grad_rows_down=len(x.grad), grad_bytes_down=nbytes)
+                out.backward(grad)
+            self.send_cut_grad(ctx, c, x.grad, rnd, step)
         with ctx.compute():
             scale = 1.0 / self.grad_scale(n_clients)
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            ctx.step()
+            for o in opts:
+                o.step()
         ctx.count(relay_steps=1)
+
+    def send_cut_grad(self, ctx: NodeContext, c: str, grad: torch.Tensor, rnd: int,
+                      step: int) -> None:
+        """A relay's cut gradient to client `c`, as `recv_cut_grad` expects it."""
+        send_grad(ctx, c, "GRAD", grad, rnd, step)
 
     def server_update(self, ctx: NodeContext, model: nn.Module,
                       opts: list[torch.optim.Optimizer], batch: Batch, rnd: int,
@@ -204,6 +255,8 @@ def server_forward(scheme: SplitScheme, ctx: NodeContext, model: nn.Module, batc
                    rnd: int, step: int, *, grad: bool = True) -> ServerPass:
     """Forward, then G from the labels (two-tier) or from the clients' GRAD2 (U-shaped,
     after sending each its ACT2). grad=False: no graph is kept (a later pass makes one)."""
+    if ctx.proxies:  # a relay's scheme called server_update rather than update
+        raise RuntimeError(f"node {ctx.name} is a relay: its scheme must call update()")
     clients, sizes = [c for c, _ in batch], [len(m.tensors["act"]) for _, m in batch]
     with ctx.compute(), torch.set_grad_enabled(grad):
         x = torch.cat([m.tensors["act"] for _, m in batch]).requires_grad_(grad)
@@ -230,13 +283,38 @@ def send_cut_grads(ctx: NodeContext, p: ServerPass, rows: Sequence[torch.Tensor]
                    step: int) -> None:
     """GRAD to each client of the pass: its own cut-gradient rows, unicast."""
     for i, (c, g) in enumerate(zip(p.clients, rows, strict=True)):
-        meta = {"loss": p.losses[i]} if p.losses else {}
-        nbytes = ctx.router.send("GRAD", to=c, round=rnd, step=step,
-                                 tensors={"grad": g.contiguous()}, meta=meta)
-        ctx.count(grad_rows_down=len(g), grad_bytes_down=nbytes)
+        send_grad(ctx, c, "GRAD", g, rnd, step, {"loss": p.losses[i]} if p.losses else {})
+
+
+def send_grad(ctx: NodeContext, c: str, mtype: str, g: torch.Tensor, rnd: int, step: int,
+              meta: dict | None = None) -> int:
+    """One message of cut-gradient rows to client `c`, counted; returns its bytes."""
+    nbytes = ctx.router.send(mtype, to=c, round=rnd, step=step,
+                             tensors={"grad": g.contiguous()}, meta=meta)
+    ctx.count(grad_rows_down=len(g), grad_bytes_down=nbytes)
+    return nbytes
+
+
+def relay_message(ctx: NodeContext, mtype: str, rnd: int, c: str, *, up: bool,
+                  step: int | None = None) -> None:
+    """A relay passes one message of client `c`'s on unchanged: from it upstream (as it), or
+    from upstream down to it."""
+    if up:
+        _, msg = ctx.expect(ctx.router, mtype, rnd, step, peer=c)
+        ctx.proxies[c].send(mtype, round=rnd, step=msg.step, meta=msg.meta,
+                            tensors=msg.tensors)
+    else:
+        _, msg = ctx.expect(ctx.proxies[c], mtype, rnd, step)
+        ctx.router.send(mtype, to=c, round=rnd, step=msg.step, meta=msg.meta,
+                        tensors=msg.tensors)
 
 
 # -- serving orders -------------------------------------------------------------------------
+def served(ctx: NodeContext) -> list[str]:
+    """The clients this node serves: a relay's downstream ones, a server all."""
+    return ctx.downstream if ctx.proxies else ctx.clients
+
+
 def client_order(ctx: NodeContext, rnd: int) -> list[str]:
     """A random order of the clients for round `rnd`, the same on every node (run seed)."""
     g = torch.Generator().manual_seed(ctx.run_seed * 1_000_003 + rnd)
@@ -244,9 +322,9 @@ def client_order(ctx: NodeContext, rnd: int) -> list[str]:
 
 
 def gather(ctx: NodeContext, rnd: int, step: int, clients: list[str] | None = None) -> Batch:
-    """Synchronous barrier: one ACT of `step` from every client (default: ctx.clients; a
-    relay: those it serves), in that order."""
-    clients = ctx.clients if clients is None else clients
+    """Synchronous barrier: one ACT of `step` from every client (default: those this node
+    serves), in that order."""
+    clients = served(ctx) if clients is None else clients
     got: dict[str, Message] = {}
     while len(got) < len(clients):
         sender, msg = ctx.expect(ctx.router, "ACT", rnd, step)
@@ -258,9 +336,9 @@ def gather(ctx: NodeContext, rnd: int, step: int, clients: list[str] | None = No
 
 def serve_fcfs(ctx: NodeContext, rnd: int, iters: int,
                handle: Callable[[str, Message], None]) -> None:
-    """Every client's `iters` ACTs in arrival order (each client's own in step order)."""
-    nxt = dict.fromkeys(ctx.clients, 0)
-    for _ in range(len(ctx.clients) * iters):
+    """Every served client's `iters` ACTs in arrival order (each client's own in step order)."""
+    nxt = dict.fromkeys(served(ctx), 0)
+    for _ in range(len(nxt) * iters):
         sender, msg = ctx.expect(ctx.router, "ACT", rnd)
         if nxt.get(sender) != msg.step:
             raise UnexpectedMessage(f"node {ctx.name}: ACT step {msg.step} from {sender}, "
@@ -271,8 +349,9 @@ def serve_fcfs(ctx: NodeContext, rnd: int, iters: int,
 
 def serve_in_order(ctx: NodeContext, rnd: int, iters: int, order: list[str],
                    handle: Callable[[str, Message], None]) -> None:
-    """One client's whole round after another's; the others' ACTs wait in the context."""
-    for c in order:
+    """One client's whole round after another's (those of `order` this node serves); the
+    others' ACTs wait in the context."""
+    for c in [c for c in order if c in served(ctx)]:
         for step in range(iters):
             handle(*ctx.expect(ctx.router, "ACT", rnd, step, peer=c))
 
@@ -281,13 +360,18 @@ class ServerCopies:
     """One copy of the server-side segments per client, each with its own optimizer (built
     like the node's), reset from and averaged back into the node's own segments."""
 
-    def __init__(self, ctx: NodeContext, segs: list[int]) -> None:
+    def __init__(self, ctx: NodeContext, segs: list[int],
+                 clients: list[str] | None = None) -> None:
         self.segs = segs
         base = ctx.model(segs)
-        like = next(ctx.optimizers[i] for i in segs if i in ctx.optimizers)
-        self.models = {c: copy.deepcopy(base) for c in ctx.clients}
+        like = next((ctx.optimizers[i] for i in segs if i in ctx.optimizers), None)
+        self.models = {c: copy.deepcopy(base) for c in (clients or ctx.clients)}
         self.opts = {c: type(like)(m.parameters(), **like.defaults)
-                     for c, m in self.models.items()}
+                     for c, m in self.models.items()} if like else {}
+
+    def of(self, c: str) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
+        """Client `c`'s copy and its optimizer (none for segments without parameters)."""
+        return self.models[c], [self.opts[c]] if c in self.opts else []
 
     def reset(self, ctx: NodeContext) -> None:
         state = ctx.model(self.segs).state_dict()

@@ -19,6 +19,12 @@ Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
   layers would see the subset's batch statistics).
 On the ZeroMQ star a "broadcast" is one GRAD_BCAST per client; counters give the rows and bytes
 a broadcast medium would carry once (grad_*_down) beside the measured per-type bytes.
+
+In a chain (docs/multitier.md) the aggregation happens at the last tier, the server. A relay
+back-propagates what it receives, each client's full cut gradient (its shared and own rows),
+through its segments at that client's activations; the gradient that comes out differs per
+client in every row, so it goes down as that client's own, in the same two messages
+(GRAD_BCAST: the first k_a rows, GRAD: the rest) so clients run unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import nn
 
 from nodes.context import NodeContext
 from nodes.protocol import Endpoint
-from nodes.schemes.common import Batch, send_cut_grads, server_forward
+from nodes.schemes.common import Batch, send_cut_grads, send_grad, server_forward
 from nodes.schemes.psl import PSL
 
 
@@ -124,6 +130,13 @@ class EPSL(PSL):
                     ctx.count(grad_rows_down=k_a, grad_bytes_down=nbytes)
         if k_a < b:
             send_cut_grads(ctx, p, list(own), rnd, step)
+
+    def send_cut_grad(self, ctx: NodeContext, c: str, grad: torch.Tensor, rnd: int,
+                      step: int) -> None:
+        k_a = aggregated_positions(self.opts["phi"], len(grad))
+        for mtype, rows in (("GRAD_BCAST", grad[:k_a]), ("GRAD", grad[k_a:])):
+            if len(rows):
+                send_grad(ctx, c, mtype, rows, rnd, step)
 
     def recv_cut_grad(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
                       b: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ on the main server (all clients in parallel, served first come first served); th
 server averages the copies into W_s, and every client uploads W_c to the fed server (W_UP),
 which averages them and sends the average back (W_DOWN): every client ends the round with
 the same W_c. Options ([D]): fedavg_weights (data | uniform), average_bn_stats, u_shaped.
+In a chain the relays' segments are server-side: a relay keeps a copy per client it serves and
+averages them each round, as the main server does with its own (docs/multitier.md).
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ class SFLV1(SplitScheme):
     options = {**SplitScheme.options, **FEDAVG_OPTIONS}
     choices = dict(FEDAVG_CHOICES)
 
-    def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
-        out = super().placement(num_segments, roles)
-        out.update({f: self.client_segments(num_segments) for f in roles["fedserver"]})
-        return out
+    def keep_for_clients(self, placement: dict[str, list[int]], roles: Roles,
+                         client_segs: list[int]) -> dict[str, list[int]]:
+        return {**placement, **{f: list(client_segs) for f in roles["fedserver"]}}
 
     def connections(self, roles: Roles) -> list[tuple[str, str]]:
         return super().connections(roles) + [
@@ -42,19 +43,19 @@ class SFLV1(SplitScheme):
     def client_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
         self.train_client(ctx, rnd, iters)
         (fed,) = ctx.roles["fedserver"]
-        upload_and_adopt(ctx, ctx.peers[fed], rnd, self.client_segments(ctx.num_segments),
+        upload_and_adopt(ctx, ctx.peers[fed], rnd, self.client_segs(ctx),
                          buffers=self.opts["average_bn_stats"])
 
     def fedserver_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
-        aggregate_and_broadcast(ctx, rnd, self.client_segments(ctx.num_segments),
+        aggregate_and_broadcast(ctx, rnd, self.client_segs(ctx),
                                 buffers=self.opts["average_bn_stats"],
                                 weighting=self.opts["fedavg_weights"])
 
     def server_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
         copies = self.server_copies(ctx)
         copies.reset(ctx)  # every copy starts the round from the last average
-        serve_fcfs(ctx, rnd, iters, lambda c, m: self.server_update(
-            ctx, copies.models[c], [copies.opts[c]], [(c, m)], rnd, m.step))
+        serve_fcfs(ctx, rnd, iters, lambda c, m: self.update(
+            ctx, *copies.of(c), [(c, m)], rnd, m.step))
         copies.average_into(ctx, client_weights(ctx, self.opts["fedavg_weights"]),
                             buffers=self.opts["average_bn_stats"])
         ctx.count(aggregations=1)

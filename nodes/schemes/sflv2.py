@@ -4,7 +4,8 @@ The main server keeps one server-side model and takes one optimizer step per cli
 with no server-side averaging; the client side is averaged per round by the fed server exactly
 as in V1. Option v2_order [D]: fcfs (batches in arrival order, what a deployment would do;
 the default) or random_per_round (a random client order per round, each client's whole
-round before the next's, as in the reference code).
+round before the next's, as in the reference code). In a chain a relay keeps one shared copy of
+its segments and serves in the same order, as the main server does (docs/multitier.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class SFLV2(SFLV1):
         model, opts = self.server_model(ctx)
 
         def handle(c: str, msg: Message) -> None:
-            self.server_update(ctx, model, opts, [(c, msg)], rnd, msg.step)
+            self.update(ctx, model, opts, [(c, msg)], rnd, msg.step)
 
         if self.opts["v2_order"] == "fcfs":
             serve_fcfs(ctx, rnd, iters, handle)

@@ -12,6 +12,10 @@ fresh optimizer, as the reference code does; true: the optimizer state travels w
 reset_server_optimizer_each_batch (the reference code's quirk, off by default); u_shaped
 (the hand-off then carries head and tail). Each client reports the digest of the W_c it
 started from and ended with, so the hand-off chain can be checked (oracle 14.6).
+
+In a chain (docs/multitier.md) the relays' segments are server-side, one shared copy each,
+served in the same client order; with handoff=server the server still stores W_c, and the
+relays pass W_DOWN and W_UP on unchanged (p2p hand-offs go from client to client directly).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from nodes.context import NodeContext
 from nodes.protocol import Message
 from nodes.schemes.base import Roles
-from nodes.schemes.common import SplitScheme, client_order, serve_in_order
+from nodes.schemes.common import SplitScheme, client_order, relay_message, serve_in_order, served
 from nodes.schemes.weights import fingerprint, pack, reset_optimizers, unpack
 
 
@@ -35,12 +39,12 @@ class VanillaSL(SplitScheme):
     def via_server(self) -> bool:
         return self.opts["handoff"] == "server"
 
-    def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:
-        out = super().placement(num_segments, roles)
+    def keep_for_clients(self, placement: dict[str, list[int]], roles: Roles,
+                         client_segs: list[int]) -> dict[str, list[int]]:
         if self.via_server():  # the server also keeps the latest W_c between turns
             for s in roles["server"]:
-                out[s] = list(range(num_segments))
-        return out
+                placement[s] = sorted({*client_segs, *placement[s]})
+        return placement
 
     def connections(self, roles: Roles) -> list[tuple[str, str]]:
         links = super().connections(roles)
@@ -50,20 +54,21 @@ class VanillaSL(SplitScheme):
 
     def model_of(self, client: str, placement: dict[str, list[int]],
                  num_segments: int) -> list[tuple[str, int]]:
-        # The latest W_c with W_s (2, step 3): with handoff=server the server's copy; with
-        # p2p each client's own, which is the latest only for the round's last client.
+        # The latest W_c with W_s (2, step 3): with handoff=server the server's copy (the
+        # store: the last node holding segment 0); with p2p each client's own, which is the
+        # latest only for the round's last client. Relays' segments from the relays.
+        parts = super().model_of(client, placement, num_segments)
         if self.via_server():
-            store = next(n for n, segs in placement.items() if len(segs) == num_segments)
-            return [(store, s) for s in range(num_segments)]
-        return super().model_of(client, placement, num_segments)
+            store = [n for n, segs in placement.items() if 0 in segs][-1]
+            parts = [(store, s) if n == client else (n, s) for n, s in parts]
+        return parts
 
     def _pack(self, ctx: NodeContext) -> dict[str, torch.Tensor]:
-        return pack(ctx, self.client_segments(ctx.num_segments),
-                    optimizer=self.opts["handoff_optimizer_state"])
+        return pack(ctx, self.client_segs(ctx), optimizer=self.opts["handoff_optimizer_state"])
 
     # -- client -------------------------------------------------------------------------------
     def client_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
-        order, segs = client_order(ctx, rnd), self.client_segments(ctx.num_segments)
+        order, segs = client_order(ctx, rnd), self.client_segs(ctx)
         k, (server,) = order.index(ctx.name), ctx.servers
         holder = client_order(ctx, rnd - 1)[-1] if rnd > 1 else None  # last round's last client
         if not self.via_server() and holder == ctx.name and k > 0:
@@ -87,19 +92,24 @@ class VanillaSL(SplitScheme):
 
     # -- server -------------------------------------------------------------------------------
     def server_round(self, ctx: NodeContext, rnd: int, iters: int) -> None:
+        """The server's round, and a relay's (SplitScheme.relay_round)."""
         model, opts = self.server_model(ctx)
-        segs = self.client_segments(ctx.num_segments)
+        relay = bool(ctx.proxies)
 
         def handle(c: str, msg: Message) -> None:
             if self.opts["reset_server_optimizer_each_batch"]:
                 for o in opts:
                     o.state.clear()
-            self.server_update(ctx, model, opts, [(c, msg)], rnd, msg.step)
+            self.update(ctx, model, opts, [(c, msg)], rnd, msg.step)
 
-        for c in client_order(ctx, rnd):
-            if self.via_server():
+        for c in [c for c in client_order(ctx, rnd) if c in served(ctx)]:
+            if relay and self.via_server():
+                relay_message(ctx, "W_DOWN", rnd, c, up=False)
+            elif self.via_server():
                 ctx.router.send("W_DOWN", to=c, round=rnd, tensors=self._pack(ctx))
             serve_in_order(ctx, rnd, iters, [c], handle)
-            if self.via_server():
+            if relay and self.via_server():
+                relay_message(ctx, "W_UP", rnd, c, up=True)
+            elif self.via_server():
                 _, msg = ctx.expect(ctx.router, "W_UP", rnd, peer=c)
-                unpack(ctx, msg.tensors, segs)
+                unpack(ctx, msg.tensors, self.client_segs(ctx))
