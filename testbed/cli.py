@@ -103,6 +103,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", dest="out_dir", default=d.out_dir)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--step-timeout", dest="step_timeout_s", type=float, default=d.step_timeout_s)
+    p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s,
+                   help="node heartbeat period; dead after --heartbeat-misses silent beats")
+    p.add_argument("--heartbeat-misses", type=int, default=d.heartbeat_misses)
+    p.add_argument("--max-restarts", type=int, default=d.max_restarts,
+                   help="node restarts a run may use (0: a dead node fails the run); "
+                        "docs/fault-tolerance.md")
     p.add_argument("--no-eval", dest="evaluate", action="store_false")
     p.add_argument("--launcher", default=d.launcher, choices=["popen", "zygote"],
                    help="popen: an interpreter per node; zygote: nodes forked from a warm process")

@@ -23,9 +23,11 @@ from typing import Any
 import zmq
 from mininet.topo import Topo
 
+from nodes.compression import make_codec
 from nodes.data import load_dataset
 from nodes.protocol import Endpoint
 from nodes.schemes import get_scheme
+from nodes.selection import Selector
 from testbed.capabilities import probe
 from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
@@ -116,6 +118,7 @@ class Experiment:
             raise RunFailed(str(e)) from None
         self.topology_args = topology_args or {}
         self.resume = resume
+        self.selector: Selector | None = None  # client selection (cfg.selection)
         self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.recovery)
         try:
             self.host_roles = host_roles(topo, cfg.roles)
@@ -253,7 +256,9 @@ class Experiment:
                 self.run_dir.write_json("config.json", self._resolved_config())
             test = load_dataset(cfg.dataset, "test", root=cfg.data_root, limit=cfg.test_limit,
                                 seed=cfg.seed)
-            evaluator = Evaluator(self.model_kwargs, cfg.cuts, test) if cfg.evaluate else None
+            evaluator = Evaluator(self.model_kwargs, cfg.cuts, test,
+                                  codec=make_codec(cfg.compression, cfg.seed)) \
+                if cfg.evaluate else None
             self._zctx = zmq.Context()
             self._control = Endpoint(self._zctx, "router", "controller", run=self.run_id)
             self._control.bind(self.node_configs[next(iter(self.node_configs))]["control"])
@@ -313,9 +318,17 @@ class Experiment:
         before = self.network.counters()
         t0 = time.perf_counter()
         attempts = 0
+        choice: dict[str, Any] = {}
+        if self.cfg.selection:  # nodes.selection: the round's participants
+            if self.selector is None:
+                self.selector = Selector(self.cfg.selection, self.roles["client"],
+                                         {c: i["samples"] for c, i in self.shard_info.items()},
+                                         self.cfg.seed)
+            chosen, choice = self.selector.choose()
         while True:  # a node dying mid-round makes the round redo (testbed.recovery)
             attempts += 1
-            self._broadcast(rnd, cmd="round", iters=self.iters)
+            self._broadcast(rnd, cmd="round", iters=self.iters,
+                            **({"clients": choice["chosen"]} if choice else {}))
             try:
                 with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
                     reports = self._collect("REPORT", rnd, self.cfg.round_timeout_s,
@@ -331,6 +344,8 @@ class Experiment:
                 base = self.rounds[-1]["_proto"] if self.rounds else self._startup_proto
                 base.update({n: m.get("proto", {}) for n, m in restarted.items()})
         wall = time.perf_counter() - t0
+        if self.selector is not None:
+            self.selector.observe(reports)
         ifaces = counter_delta(self.network.counters(), before)
         prev = self.rounds[-1]["_proto"] if self.rounds else self._startup_proto
         nodes = {}
@@ -346,6 +361,8 @@ class Experiment:
                "nodes": nodes, "interfaces": ifaces}
         if attempts > 1:
             rec["attempts"] = attempts
+        if choice:
+            rec["selection"] = choice
         with self.event_lock:  # the scenario timer may be adding one
             if self.events:
                 rec["events"], self.events = self.events, []
