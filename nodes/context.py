@@ -88,6 +88,9 @@ class NodeContext:
     ckpt_path: str | None = None
     compute_model: ComputeModel | None = None  # None: compute as fast as this CPU does
     epoch: int = 0                  # recovery epoch (set_epoch; docs/fault-tolerance.md)
+    # Compression of cut traffic and low-precision client weights (nodes.compression).
+    cut: Any = None                 # CutCodec: unpacks compressed ACT/GRAD in expect()
+    wquant: Any = None              # WeightQuantizer: wraps step() on a client
     # per-round metrics, reset by the runtime
     compute_s: float = 0.0          # time in compute blocks, padding included
     compute_measured_s: float = 0.0  # the computation itself
@@ -133,9 +136,13 @@ class NodeContext:
                 self.optimizers[i].zero_grad(set_to_none=True)
 
     def step(self, segs: Iterable[int] | None = None) -> None:
+        if self.wquant is not None:
+            self.wquant.before_step()
         for i in self._held(segs):
             if i in self.optimizers:
                 self.optimizers[i].step()
+        if self.wquant is not None:
+            self.wquant.after_step()
 
     def count(self, **amounts: int) -> None:
         """Add to this round's scheme counters (reported with the round)."""
@@ -196,11 +203,12 @@ class NodeContext:
         return self.peers.get(peer, self.router)
 
     def expect(self, ep: Endpoint, mtype: str, rnd: int, step: int | None = None,
-               peer: str | None = None) -> tuple[str, Message]:
+               peer: str | None = None, *, decode: bool = True) -> tuple[str, Message]:
         """The next data-plane message on `ep`, which must be `mtype` for round `rnd` (and
         `step`, when given). With `peer`, the next message from that peer: what others send
         meanwhile is kept, in order, for later calls (a server serving one client at a time
-        leaves the other clients' messages queued)."""
+        leaves the other clients' messages queued). With a cut codec, compressed frames come
+        back dense (decode=False: as sent, for a relay passing them on)."""
         pending = self._pending.setdefault(id(ep), deque())
         i = next((i for i, (s, _) in enumerate(pending) if peer is None or s == peer), None)
         got = None
@@ -220,6 +228,8 @@ class NodeContext:
                 f"node {self.name}: expected {mtype} round {rnd}"
                 f"{'' if step is None else f' step {step}'}{' from ' + peer if peer else ''}, "
                 f"got {msg.type} round {msg.round} step {msg.step} from {sender}")
+        if decode and self.cut is not None:  # the flow's client: the sender, or our identity
+            self.cut.unpack(sender if ep is self.router else ep.name, msg)
         return sender, msg
 
     def data_endpoints(self) -> list[Endpoint]:

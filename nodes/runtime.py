@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import zmq
 
+from nodes.compression import attach_compression, compression_report
 from nodes.context import ComputeModel, NodeContext, count_flops
 from nodes.data import load_dataset
 from nodes.fault import COMMANDS as RECOVERY
@@ -31,6 +32,7 @@ from nodes.migrate import COMMANDS as MIGRATION
 from nodes.models import build_model, split_model, unit_stats
 from nodes.protocol import Endpoint, Interrupted
 from nodes.schemes import get_scheme
+from nodes.selection import take_part
 
 log = logging.getLogger("sledge.node")
 PR_SET_PDEATHSIG = 1
@@ -95,6 +97,7 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
         model, (m.get("in_channels", 1), m.get("image_size", 28), m.get("image_size", 28)))}
     count_flops(ctx, [(unit, macs[n]) for s in held.values() for n, unit in s.named_children()],
                 float(compute.get("backward_flops_factor", 2.0)))
+    attach_compression(ctx, config)
     return ctx
 
 
@@ -160,13 +163,16 @@ def run_node(config: dict[str, Any]) -> int:
         # The data-plane bytes so far (the HELLOs) belong to start-up, not to round 1.
         control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role,
                                     "proto": ctx.proto_stats()})
+        all_clients = list(ctx.clients)
         while True:
             _, msg = control.recv(config.get("idle_timeout_s", 3600.0))
             cmd = msg.meta.get("cmd") if msg.type == "CTRL" else None
             if cmd == "round":
                 ctx.reset_round()
-                try:
-                    round_fn(ctx, msg.round, int(msg.meta["iters"]))
+                t0 = time.perf_counter()
+                try:  # a client the controller did not select sits the round out
+                    if take_part(ctx, msg.meta, all_clients):
+                        round_fn(ctx, msg.round, int(msg.meta["iters"]))
                 except (Interrupted, ConnectionError, TimeoutError) as e:
                     if hb is None:  # no recovery in this run: fail as before
                         raise
@@ -175,6 +181,8 @@ def run_node(config: dict[str, Any]) -> int:
                     control.send("ABORTED", round=msg.round,
                                  meta={"error": f"{type(e).__name__}: {e}"[:2000]})
                     continue
+                ctx.extra["round_s"] = time.perf_counter() - t0
+                compression_report(ctx)
                 ctx.checkpoint(msg.round)
                 control.send("REPORT", round=msg.round, meta=ctx.round_report())
             elif cmd in RECOVERY:  # between attempts of a round (nodes.fault)

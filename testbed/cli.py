@@ -142,6 +142,18 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    "cycles/s, e.g. --cycles client=0.3e9 --cycles server=7e9: compute is padded "
                    "to FLOPs / (flops-per-cycle * cycles)")
     p.add_argument("--flops-per-cycle", type=float, default=d.flops_per_cycle)
+    # docs/compression.md
+    p.add_argument("--compress", dest="compress_items", action="append", default=[],
+                   metavar="KEY=VALUE", help="cut compression, e.g. --compress method=c3sl "
+                   "--compress R=4 (topk: rho=, quant: bits=, qgroup=, stochastic=)")
+    p.add_argument("--client-bits", dest="client_bits_items", action="append", default=[],
+                   metavar="HOST=BITS", help="low-precision weights of a client or role, e.g. "
+                   "--client-bits client=8")
+    p.add_argument("--client-prune", dest="client_prune_items", action="append", default=[],
+                   metavar="HOST=FRAC", help="magnitude-pruned weights of a client or role")
+    p.add_argument("--select", dest="select_items", action="append", default=[],
+                   metavar="KEY=VALUE", help="client selection per round, e.g. --select "
+                   "policy=rpowd --select m=2 --select d=3 [--select deadline_s=1.5]")
     p.add_argument("--backward-flops-factor", type=float, default=d.backward_flops_factor)
 
 
@@ -152,6 +164,13 @@ def config_from_args(a: argparse.Namespace, topo_name: str) -> RunConfig:
     for f, flag in HETEROGENEITY.items():
         d[f] = parse_params(getattr(a, f"{f}_items"), f"--{flag}")
     d["roles"] = parse_params(a.role_items, "--role")
+    d["compression"] = parse_params(a.compress_items, "--compress")
+    d["selection"] = parse_params(a.select_items, "--select")
+    own: dict[str, dict] = {}
+    for key, flag in (("bits", "--client-bits"), ("prune", "--client-prune")):
+        for host, v in parse_params(getattr(a, f"client_{key}_items"), flag).items():
+            own.setdefault(host, {})[key] = v
+    d["client_weights"] = own
     d["name"] = a.name or f"{topo_name}-{a.scheme}"
     return RunConfig.from_dict(d)
 

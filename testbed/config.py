@@ -59,6 +59,14 @@ class RunConfig:
     cycles: dict[str, float] = field(default_factory=dict)  # modelled compute speed, cycles/s
     flops_per_cycle: float = 1.0        # eta (algorithms.md 11.2)
     backward_flops_factor: float = 2.0  # beta: backward FLOPs per forward FLOP (11.1)
+    # Resource efficiency (docs/compression.md): the cut codec of every node, e.g.
+    # {"method": "c3sl", "R": 4} | {"method": "topk", "rho": 0.1} | {"method": "quant",
+    # "bits": 8}; low-precision or pruned client weights per host or role, e.g.
+    # {"client": {"bits": 8}} or {"c1": {"prune": 0.5}}; client selection per round, e.g.
+    # {"policy": "rpowd", "m": 2, "d": 3, "deadline_s": 2.0} (nodes.selection).
+    compression: dict[str, Any] = field(default_factory=dict)
+    client_weights: dict[str, dict] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
     # Fault tolerance (docs/fault-tolerance.md): beat period, beats missed before a node is
     # declared dead, and how many node restarts a run may use (0: any death fails the run).
     heartbeat_s: float = 0.5
@@ -134,6 +142,18 @@ class RunConfig:
                 isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                 and ok(v) for k, v in m.items()), f, f"expected a mapping host or role -> {what}")
         pos_int("heartbeat_misses")
+        for f in ("compression", "selection"):
+            need(isinstance(getattr(self, f), dict), f, "expected a mapping")
+        if self.compression:
+            from nodes.compression import CompressionError, make_codec
+            try:
+                make_codec(self.compression)
+            except CompressionError as e:
+                raise ConfigError(str(e)) from None
+        need(isinstance(self.client_weights, dict) and all(
+            isinstance(v, dict) and set(v) <= {"bits", "prune"}
+            for v in self.client_weights.values()), "client_weights",
+             "expected a mapping host or role -> {bits: int, prune: fraction}")
         need(isinstance(self.max_restarts, int) and not isinstance(self.max_restarts, bool)
              and self.max_restarts >= 0, "max_restarts", "expected an integer >= 0")
         for f in ("flops_per_cycle", "backward_flops_factor", "heartbeat_s"):

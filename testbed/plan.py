@@ -125,8 +125,18 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
                              "segments": placement.get(name, []), "peers": {}, "accept": [],
                              "compute": {**compute, "cycles_per_s": cycles.get(name)},
                              "checkpoint": checkpoint(name)}
+    if cfg.compression:  # every node packs and unpacks what crosses its cuts
+        if cfg.scheme == "epsl" and cfg.compression.get("method") in ("c3sl", "topk"):
+            raise PlanError(f"config field 'compression': {cfg.compression['method']} codes "
+                            f"each client's rows, EPSL's shared gradient rows are not any one "
+                            f"client's: use method quant with epsl")
+        for nc in configs.values():
+            nc["compression"] = cfg.compression
+    own = per_host(topo, "client_weights", cfg.client_weights, roles_of)
     for i, c in enumerate(clients):
         configs[c]["index"] = i
+        if c in own:
+            configs[c]["client_weights"] = own[c]
         configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
                               "limit": cfg.train_limit, "indices": shards[i].tolist()}
     # A client's connection to the server runs through its chain of relays, if any: the

@@ -131,17 +131,17 @@ class SplitScheme(Scheme):
         with ctx.compute():
             ctx.zero_grad()
             act = ctx.model([0] if u else None)(x)  # a chain may place more on a client
-        tensors = {"act": act.detach()}
+        tensors = {}
         if not u or self.opts["debug_send_labels"]:
             tensors["labels"] = y
-        ep.send("ACT", round=rnd, step=step, tensors=tensors)
+        send_cut(ctx, ep, "ACT", rnd, step, act.detach(), tensors)
         if u:
             _, msg = ctx.expect(ep, "ACT2", rnd, step)
             with ctx.compute():
                 a2 = msg.tensors["act"].clone().requires_grad_()
                 loss = F.cross_entropy(ctx.model([ctx.num_segments - 1])(a2), y)
                 (loss * self.tail_loss_scale(ctx)).backward()
-            ep.send("GRAD2", round=rnd, step=step, tensors={"grad": a2.grad})
+            send_cut(ctx, ep, "GRAD2", rnd, step, a2.grad)
             ctx.record_loss(loss.item(), len(y))
         grad = self.recv_cut_grad(ctx, ep, rnd, step, len(y))
         with ctx.compute():
@@ -150,7 +150,10 @@ class SplitScheme(Scheme):
 
     def recv_cut_grad(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
                       b: int) -> torch.Tensor:
-        return ctx.expect(ep, "GRAD", rnd, step)[1].tensors["grad"]
+        msg = ctx.expect(ep, "GRAD", rnd, step)[1]
+        if "loss" in msg.meta:  # the server's loss of this batch: Power-of-Choice's rpow-d
+            ctx.extra["last_loss"] = msg.meta["loss"]
+        return msg.tensors["grad"]
 
     # -- server -------------------------------------------------------------------------------
     def server_model(self, ctx: NodeContext) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
@@ -192,8 +195,8 @@ class SplitScheme(Scheme):
             with ctx.compute():
                 x = msg.tensors["act"].clone().requires_grad_()
                 out = model(x)
-            ctx.proxies[c].send("ACT", round=rnd, step=step, meta=msg.meta,
-                                tensors={**msg.tensors, "act": out.detach()})
+            send_cut(ctx, ctx.proxies[c], "ACT", rnd, step, out.detach(),
+                     {k: v for k, v in msg.tensors.items() if k != "act"}, meta=msg.meta)
             passes.append((c, x, out))
         if self.opts["u_shaped"]:
             for c, _ in batch:
@@ -263,7 +266,7 @@ def server_forward(scheme: SplitScheme, ctx: NodeContext, model: nn.Module, batc
         out = model(x)
     if scheme.opts["u_shaped"]:
         for c, o in zip(clients, out.detach().split(sizes), strict=True):
-            ctx.router.send("ACT2", to=c, round=rnd, step=step, tensors={"act": o})
+            send_cut(ctx, ctx.router, "ACT2", rnd, step, o, to=c)
         g2 = [ctx.expect(ctx.router, "GRAD2", rnd, step, peer=c)[1].tensors["grad"]
               for c in clients]
         # Clients send d(tail_loss_scale * L_i)/dA2; undo the cut-gradient scale to get dL/dA2.
@@ -289,10 +292,25 @@ def send_cut_grads(ctx: NodeContext, p: ServerPass, rows: Sequence[torch.Tensor]
 def send_grad(ctx: NodeContext, c: str, mtype: str, g: torch.Tensor, rnd: int, step: int,
               meta: dict | None = None) -> int:
     """One message of cut-gradient rows to client `c`, counted; returns its bytes."""
-    nbytes = ctx.router.send(mtype, to=c, round=rnd, step=step,
-                             tensors={"grad": g.contiguous()}, meta=meta)
+    nbytes = send_cut(ctx, ctx.router, mtype, rnd, step, g, to=c, meta=meta)
     ctx.count(grad_rows_down=len(g), grad_bytes_down=nbytes)
     return nbytes
+
+
+def send_cut(ctx: NodeContext, ep: Endpoint, mtype: str, rnd: int, step: int,
+             t: torch.Tensor, tensors: dict | None = None, *, to: str | None = None,
+             meta: dict | None = None) -> int:
+    """Send what crosses a cut: an activation (ACT, ACT2) or its gradient (GRAD, GRAD2,
+    GRAD_BCAST), compressed when the run compresses (ctx.cut, nodes.compression), beside
+    `tensors` (labels); returns the message's bytes."""
+    name = "act" if mtype.startswith("ACT") else "grad"
+    if ctx.cut is None:
+        tensors, meta = {**(tensors or {}), name: t.contiguous()}, meta
+    elif name == "act":
+        tensors, meta = ctx.cut.pack_act(mtype, to or ep.name, rnd, step, t, tensors, meta)
+    else:
+        tensors, meta = ctx.cut.pack_grad(mtype, to or ep.name, rnd, step, t, meta)
+    return ep.send(mtype, to=to, round=rnd, step=step, tensors=tensors, meta=meta)
 
 
 def relay_message(ctx: NodeContext, mtype: str, rnd: int, c: str, *, up: bool,
@@ -300,11 +318,11 @@ def relay_message(ctx: NodeContext, mtype: str, rnd: int, c: str, *, up: bool,
     """A relay passes one message of client `c`'s on unchanged: from it upstream (as it), or
     from upstream down to it."""
     if up:
-        _, msg = ctx.expect(ctx.router, mtype, rnd, step, peer=c)
+        _, msg = ctx.expect(ctx.router, mtype, rnd, step, peer=c, decode=False)
         ctx.proxies[c].send(mtype, round=rnd, step=msg.step, meta=msg.meta,
                             tensors=msg.tensors)
     else:
-        _, msg = ctx.expect(ctx.proxies[c], mtype, rnd, step)
+        _, msg = ctx.expect(ctx.proxies[c], mtype, rnd, step, decode=False)
         ctx.router.send(mtype, to=c, round=rnd, step=msg.step, meta=msg.meta,
                         tensors=msg.tensors)
 
