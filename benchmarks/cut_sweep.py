@@ -15,9 +15,10 @@ deterministic (no jitter, no loss) unless --keep-link-noise. Sharing modes of a 
                idle share going to whoever transmits (on-demand); predicted by the
                work-conserving fluid model (resources.on_demand).
 
-Measured time per iteration comes from two timed rounds of different length after a warm-up
-round (slope = (wall_long - wall_short) / (long - short)); the intercept is the fixed cost of
-a round (control messages, reports, checkpoints), reported apart. Writes sweep.json,
+Measured time per iteration comes from timed rounds of two lengths after a warm-up round,
+alternating (short, long) twice: slope = (mean long - mean short) / (long - short); the
+intercept is the fixed cost of a round (control messages, reports, checkpoints), reported
+apart. Writes sweep.json,
 sweep.csv and sweep.md (with the median relative error) to --out.
 
     sudo flock /tmp/sledge-mininet.lock .venv/bin/python benchmarks/cut_sweep.py \\
@@ -64,40 +65,53 @@ def clean_links(topo: Any) -> Any:
     return topo
 
 
-def timed_run(topo: Any, cfg: dict[str, Any], iters: tuple[int, int],
+def timed_run(topo: Any, cfg: dict[str, Any], iters: tuple[int, int], pairs: int = 2,
               on_start: Callable[[Experiment], None] | None = None) -> dict[str, Any]:
-    """Three rounds (warm-up, `iters[0]`, `iters[1]` iterations); seconds per iteration from
-    the last two, and the fixed cost of a round."""
+    """A warm-up round, then `pairs` x (a round of iters[0], a round of iters[1] iterations).
+    Per iteration: the slope between the mean short and the mean long round (a round's fixed
+    cost cancels and is the intercept)."""
     short, long_ = iters
+    n_rounds = 1 + 2 * pairs
+    longs = range(3, n_rounds + 1, 2)
+    shorts = range(2, n_rounds + 1, 2)
+    drops: dict[int, int] = {0: 0}
 
     def next_round(exp: Experiment, rnd: int) -> None:
-        exp.iters = long_ if rnd == 2 else short
+        exp.iters = long_ if (rnd + 1) in longs else short
+        # Frames the shapers' drop-tail queues dropped so far (TCP then retransmits).
+        stats = getattr(exp.network.links, "stats", dict)()
+        drops[rnd] = sum(v[d]["dropped_queue"] for v in stats.values() for d in ("up", "down"))
 
-    conf = RunConfig.from_dict({**cfg, "rounds": 3, "iters_per_round": short})
+    conf = RunConfig.from_dict({**cfg, "rounds": n_rounds, "iters_per_round": short})
     exp = Experiment(conf, topo, on_round=next_round, on_start=on_start)
     exp.run()
-    w = [r["wall_s"] for r in exp.rounds]
+    recs = {r["round"]: r for r in exp.rounds}
     k = long_ - short
-    per = (w[2] - w[1]) / k
-    clients, nodes = exp.roles["client"], [r["nodes"] for r in exp.rounds]
 
-    def slope(node: str, key: str) -> float:
-        return (nodes[2][node].get(key, 0.0) - nodes[1][node].get(key, 0.0)) / k
+    def slope(q: Callable[[dict], float]) -> float:
+        return (sum(q(recs[r]) for r in longs) - sum(q(recs[r]) for r in shorts)) / (pairs * k)
 
+    def node(n: str, key: str) -> Callable[[dict], float]:
+        return lambda rec: rec["nodes"][n].get(key, 0.0)
+
+    def wire(n: str) -> Callable[[dict], float]:
+        return lambda rec: 8 * sum(v["tx_bytes"] for i, v in rec["interfaces"].items()
+                                   if i.rsplit("-eth", 1)[0] == n)
+
+    per = slope(lambda rec: rec["wall_s"])
+    clients, names = exp.roles["client"], list(recs[1]["nodes"])
     # Compute the CPU took beyond the model (blocks the padding could not stretch).
-    excess = {n: slope(n, "compute_s") - slope(n, "compute_modelled_s") for n in nodes[2]}
-    wire = {n: (sum(v["tx_bytes"] for i, v in exp.rounds[2]["interfaces"].items()
-                    if i.rsplit("-eth", 1)[0] == n)
-                - sum(v["tx_bytes"] for i, v in exp.rounds[1]["interfaces"].items()
-                      if i.rsplit("-eth", 1)[0] == n)) * 8 / k for n in nodes[2]}
-    proto = {n: slope(n, "tx_bytes") * 8 for n in nodes[2]}
-    return {"per_iter_s": per, "round_fixed_s": w[1] - short * per, "walls_s": w,
-            "naive_per_iter_s": w[2] / long_,
+    excess = {n: slope(node(n, "compute_s")) - slope(node(n, "compute_modelled_s"))
+              for n in names}
+    fixed = sum(recs[r]["wall_s"] for r in shorts) / pairs - short * per
+    return {"per_iter_s": per, "round_fixed_s": fixed,
+            "walls_s": [recs[r]["wall_s"] for r in sorted(recs)],
             "client_compute_excess_s": max(excess[c] for c in clients),
             "other_compute_excess_s": sum(v for n, v in excess.items() if n not in clients),
-            "client_wire_bits": {c: wire[c] for c in clients},
-            "client_proto_bits": {c: proto[c] for c in clients},
-            "server_wire_bits": sum(v for n, v in wire.items() if n not in clients),
+            "client_wire_bits": {c: slope(wire(c)) for c in clients},
+            "client_proto_bits": {c: 8 * slope(node(c, "tx_bytes")) for c in clients},
+            "queue_drops_per_iter": slope(lambda rec: drops[rec["round"]]
+                                          - drops[rec["round"] - 1]),
             "run_dir": str(exp.run_dir.path)}
 
 
@@ -173,8 +187,8 @@ def write(out: str, result: dict[str, Any]) -> None:
         json.dump(result, fh, indent=1)
     cols = ["cut", "mode", "predicted_s", "per_iter_s", "rel_err", "framed_s", "framed_err",
             "round_fixed_s",
-            "naive_per_iter_s", "client_compute_excess_s", "other_compute_excess_s",
-            "proto_overhead_up", "wire_overhead_up"]
+            "client_compute_excess_s", "other_compute_excess_s",
+            "proto_overhead_up", "wire_overhead_up", "queue_drops_per_iter"]
     with open(os.path.join(out, "sweep.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, cols, extrasaction="ignore")
         w.writeheader()
@@ -184,13 +198,14 @@ def write(out: str, result: dict[str, Any]) -> None:
 def table(rows: list[dict]) -> str:
     lines = ["| cut | sharing | predicted (s/it) | measured (s/it) | error | with framing "
              "(s/it) | error | fixed per round (s) | compute over model, clients / server "
-             "(ms/it) | uplink bytes over model: protocol / wire |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(ms/it) | uplink bytes over model: protocol / wire | queue drops per it |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['cut']} | {r['mode']} | {r['predicted_s']:.3f} | {r['per_iter_s']:.3f} | "
               f"{100 * r['rel_err']:+.1f} % | {r['framed_s']:.3f} | "
               f"{100 * r['framed_err']:+.1f} % | {r['round_fixed_s']:.3f} | "
               f"{1e3 * r['client_compute_excess_s']:.1f} / {1e3 * r['other_compute_excess_s']:.1f}"
-              f" | {100 * r['proto_overhead_up']:+.1f} % / {100 * r['wire_overhead_up']:+.1f} % |"
+              f" | {100 * r['proto_overhead_up']:+.1f} % / {100 * r['wire_overhead_up']:+.1f} % | "
+              f"{r.get('queue_drops_per_iter', 0):.1f} |"
               for r in rows]
     med = statistics.median(abs(r["rel_err"]) for r in rows)
     med_f = statistics.median(abs(r["framed_err"]) for r in rows)
