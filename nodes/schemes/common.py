@@ -207,9 +207,10 @@ class SplitScheme(Scheme):
             o.zero_grad(set_to_none=True)
         for c, x, out in passes:
             grad = self.recv_cut_grad(ctx, ctx.proxies[c], rnd, step, len(x))
+            loss = ctx.extra.pop("last_loss", None)  # the server's, for c's client selection
             with ctx.compute():
                 out.backward(grad)
-            self.send_cut_grad(ctx, c, x.grad, rnd, step)
+            self.send_cut_grad(ctx, c, x.grad, rnd, step, {} if loss is None else {"loss": loss})
         with ctx.compute():
             scale = 1.0 / self.grad_scale(n_clients)
             for p in model.parameters():
@@ -220,9 +221,9 @@ class SplitScheme(Scheme):
         ctx.count(relay_steps=1)
 
     def send_cut_grad(self, ctx: NodeContext, c: str, grad: torch.Tensor, rnd: int,
-                      step: int) -> None:
+                      step: int, meta: dict | None = None) -> None:
         """A relay's cut gradient to client `c`, as `recv_cut_grad` expects it."""
-        send_grad(ctx, c, "GRAD", grad, rnd, step)
+        send_grad(ctx, c, "GRAD", grad, rnd, step, meta)
 
     def server_update(self, ctx: NodeContext, model: nn.Module,
                       opts: list[torch.optim.Optimizer], batch: Batch, rnd: int,

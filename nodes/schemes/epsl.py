@@ -132,11 +132,11 @@ class EPSL(PSL):
             send_cut_grads(ctx, p, list(own), rnd, step)
 
     def send_cut_grad(self, ctx: NodeContext, c: str, grad: torch.Tensor, rnd: int,
-                      step: int) -> None:
+                      step: int, meta: dict | None = None) -> None:
         k_a = aggregated_positions(self.opts["phi"], len(grad))
         for mtype, rows in (("GRAD_BCAST", grad[:k_a]), ("GRAD", grad[k_a:])):
             if len(rows):
-                send_grad(ctx, c, mtype, rows, rnd, step)
+                send_grad(ctx, c, mtype, rows, rnd, step, meta if mtype == "GRAD" else None)
 
     def recv_cut_grad(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
                       b: int) -> torch.Tensor:
