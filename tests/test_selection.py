@@ -82,3 +82,37 @@ def test_take_part_narrows_the_round_to_participants():
     assert take_part(srv, {"clients": ["c3", "c1"]}, ["c1", "c2", "c3"])
     assert srv.roles["client"] == ["c1", "c3"]
     assert take_part(srv, {}, ["c1", "c2", "c3"]) and srv.roles["client"] == ["c1", "c2", "c3"]
+
+
+def test_a_run_selects_per_round_and_only_participants_train(tmp_path):
+    """Loopback run (real node processes, no Mininet): 3 clients, rpowd m=2 d=3. Each round's
+    choice is logged, the one left out does no work, the server's batch holds only the
+    participants, and from round 2 on the choice is the top-2 of the losses last reported."""
+    from testbed.cli import load_topology
+    from testbed.config import RunConfig
+    from testbed.experiment import Experiment
+    from testbed.metrics import read_rounds
+
+    tiny = __file__.rsplit("/tests/", 1)[0] + "/topologies/tiny.py"
+    topo, _ = load_topology(tiny, params={"clients": 3})
+    iters, batch = 4, 16
+    cfg = RunConfig.from_dict(dict(
+        name="sel", dataset="digits", rounds=3, iters_per_round=iters, batch_size=batch,
+        train_limit=None, evaluate=False, out_dir=str(tmp_path), port=20200,
+        selection={"policy": "rpowd", "m": 2, "d": 3}))
+    exp = Experiment(cfg, topo, topology=tiny, loopback=True)
+    exp.run()
+    rounds = read_rounds(exp.run_dir.path)
+    last: dict[str, float] = {}
+    for r in rounds:
+        chosen = r["selection"]["chosen"]
+        assert len(chosen) == 2
+        if len(last) == 3:  # every client has reported a loss: the top-2 are chosen
+            assert set(chosen) == set(sorted(last, key=lambda c: -last[c])[:2])
+        for c in ("c1", "c2", "c3"):
+            node = r["nodes"][c]
+            assert node["selected"] == (c in chosen)
+            assert node["samples"] == (iters * batch if c in chosen else 0)
+            if c in chosen:
+                last[c] = node["last_loss"]
+        assert r["nodes"]["srv"]["counters"]["server_bp_vectors"] == 2 * iters * batch
