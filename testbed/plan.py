@@ -99,7 +99,11 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
             placement = scheme.placement(nseg, roles)
     except ValueError as e:
         raise PlanError(f"scheme {cfg.scheme!r}: {e}") from None
-    parts = {c: scheme.model_of(c, placement, nseg) for c in clients}
+    # A client's model: a segment one of its own relays holds comes from that relay (with
+    # several relays per tier, each trains its own copy).
+    chains = relays_of(topo, roles, cfg.tiers) if cfg.tiers else {}
+    parts = {c: [(next((r for r in chains.get(c, []) if s in placement.get(r, [])), n), s)
+                 for n, s in scheme.model_of(c, placement, nseg)] for c in clients}
     train = load_dataset(cfg.dataset, "train", root=cfg.data_root, limit=cfg.train_limit,
                          seed=cfg.seed)
     shards = partition(train.y, len(clients), scheme=cfg.partition, alpha=cfg.alpha,
@@ -141,7 +145,6 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
                               "limit": cfg.train_limit, "indices": shards[i].tolist()}
     # A client's connection to the server runs through its chain of relays, if any: the
     # client dials the first relay, each relay dials the next as that client.
-    chains = relays_of(topo, roles, cfg.tiers) if cfg.tiers else {}
     paths = [[d, *(chains.get(d, []) if r in roles["server"] else []), r]
              for d, r in scheme.connections(roles)]
     routers = sorted({h for p in paths for h in p[1:]})

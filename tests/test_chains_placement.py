@@ -6,14 +6,19 @@ server); no network, no processes."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
 from nodes.models import build_model, segment_output_shape, split_model
 from nodes.schemes import get_scheme
 from testbed.chains import place_chain, segment_bytes, segment_memory
+from testbed.cli import load_topology
+from testbed.config import RunConfig
 from testbed.controller import place_segments
+from testbed.plan import host_roles, plan_run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "smallcnn", "num_classes": 10, "in_channels": 1, "image_size": 8}
 RESNET = {"name": "resnet18", "num_classes": 10, "in_channels": 3, "image_size": 32}
 ROLES = {"client": ["u1", "u2"], "edge": ["edge1"], "server": ["cloud"], "fedserver": ["fed"]}
@@ -89,3 +94,15 @@ def test_the_schemes_default_chain_placement():
         "u1": [0, 3], "u2": [0, 3], "edge1": [1], "cloud": [2]}
     with pytest.raises(ValueError, match="does not run over a chain"):
         get_scheme("fl").chain_placement(n, ROLES, tiers)
+
+
+def test_with_two_edges_each_user_is_evaluated_with_its_own_edges_segment():
+    topo, _ = load_topology(os.path.join(ROOT, "topologies", "hierarchical.py"),
+                            params={"users": 1, "edges": 2})
+    cfg = RunConfig.from_dict({"scheme": "sl", "cuts": ["conv1", "conv2"], "tiers": ["edge"],
+                               "dataset": "digits"})
+    plan = plan_run(cfg, get_scheme("sl"), topo, host_roles(topo), {}, {}, run_id="r",
+                    control="ipc:///tmp/x", ip=lambda h: "127.0.0.1",
+                    checkpoint=lambda h: None)
+    assert plan.parts == {"u1": [("cloud", 0), ("edge1", 1), ("cloud", 2)],
+                          "u2": [("cloud", 0), ("edge2", 1), ("cloud", 2)]}
