@@ -21,7 +21,6 @@ receiver can be compared.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -147,6 +146,15 @@ def migratable(ctx: NodeContext, scheme: Any) -> None:
 
 
 # -- the commands --------------------------------------------------------------------------------
+def _dealer(zctx: zmq.Context, ctx: NodeContext, like: Endpoint | None, addr: str) -> Endpoint:
+    """A DEALER to `addr` in this node's recovery epoch and abort policy (those of `like`)."""
+    ep = Endpoint(zctx, "dealer", ctx.name, run=ctx.run)
+    ep.epoch = ctx.epoch
+    ep.interrupt = like.interrupt if like is not None else None
+    ep.connect(addr)
+    return ep
+
+
 def migrate_out(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
                 meta: dict[str, Any]) -> dict[str, Any]:
     migratable(ctx, scheme)
@@ -154,9 +162,8 @@ def migrate_out(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
     digest = state_hash(tensors, smeta)
     timeout = float(meta.get("timeout_s", 120.0))
     t0 = time.perf_counter()
-    ep = Endpoint(zctx, "dealer", ctx.name, run=ctx.run)
+    ep = _dealer(zctx, ctx, ctx.router, meta["addr"])
     try:
-        ep.connect(meta["addr"])
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -180,10 +187,12 @@ def migrate_out(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
 def migrate_in(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
                meta: dict[str, Any]) -> dict[str, Any]:
     sender, msg = ctx.expect(ctx.router, "STATE", int(meta.get("round", 0)),
-                             peer=meta["from"])
+                             peer=meta["from"], decode=False)  # no cut codec on state
     smeta = {k: v for k, v in msg.meta.items() if k != "hash"}
     unpack_into(ctx, msg.tensors, smeta)
     loaded = state_hash(*pack_context(ctx))
+    # On disk at once: a rollback of the coming round restores what arrived (testbed.recovery).
+    ctx.checkpoint(int(meta.get("round", 1)) - 1)
     ctx.router.send("STATE_ACK", to=sender, round=msg.round, meta={"hash": loaded})
     return {"hash": loaded, "sent_hash": msg.meta.get("hash"), "bytes": msg.nbytes}
 
@@ -194,16 +203,15 @@ def repoint(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
 
     old, new, addr = meta["old"], meta["new"], meta["addr"]
     ctx.roles = {r: [new if h == old else h for h in hosts] for r, hosts in ctx.roles.items()}
+    ctx.placement = {new if n == old else n: s for n, s in ctx.placement.items()}
     dial: dict[str, Endpoint] = {}
     if old in ctx.peers:
-        ctx.peers.pop(old).close()
-        ep = Endpoint(zctx, "dealer", ctx.name, run=ctx.run)
-        ep.connect(addr)
-        ctx.peers[new] = dial[new] = ep
+        gone = ctx.peers.pop(old)
+        gone.close()
+        ctx.peers[new] = dial[new] = _dealer(zctx, ctx, gone, addr)
     accept = list(meta.get("accept", [])) if ctx.name == new else []
     if dial or accept:
-        view = dataclasses.replace(ctx, peers=dial, proxies={})
-        open_data_plane(view, accept, float(meta.get("timeout_s", 120.0)))
+        open_data_plane(ctx, accept, float(meta.get("timeout_s", 120.0)), hello=list(dial))
     return {"proto": ctx.proto_stats()}
 
 

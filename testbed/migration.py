@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
+from testbed.metrics import console
 from testbed.network import counter_delta
+from testbed.scenario import Event, EventContext, register
 
 if TYPE_CHECKING:
     from testbed.experiment import Experiment
@@ -83,10 +85,12 @@ def move_attachment(exp: Experiment, ue: str, cell: int) -> dict[str, Any]:
     if network.kind == "mininet":
         net = network.net
         src, dst, host = net.get(f"cell{old}"), net.get(f"cell{cell}"), net.get(ue)
-        links = net.linksBetween(host, src)
-        if not links:
-            raise MigrationFailed(f"handover: {ue} has no link to cell{old}")
-        intf = links[0].intf1 if links[0].intf1.node is src else links[0].intf2
+        # The switch-side end of the UE's link, wherever earlier handovers put it (Mininet's
+        # own records still name the bridge it was created on).
+        link = host.defaultIntf().link
+        if link is None:
+            raise MigrationFailed(f"handover: {ue} has no link")
+        intf = link.intf2 if link.intf1.node is host else link.intf1
         if network.caps.ovs:
             out = src.cmd(f"ovs-vsctl del-port {src.name} {intf.name} -- "
                           f"add-port {dst.name} {intf.name}")
@@ -98,6 +102,12 @@ def move_attachment(exp: Experiment, ue: str, cell: int) -> dict[str, Any]:
         if out.strip():
             raise MigrationFailed(f"handover {ue}: moving {intf.name} to {dst.name}: {out}")
         ev["intf"] = intf.name
+        # A UE waiting for a reply sends nothing, and the bridges of the old path would forward
+        # to its old cell until their entries age out (300 s): one echo from the UE to its
+        # server now teaches them the new path (and takes one round trip).
+        server = (exp.roles.get("server") or [None])[0]
+        if server is not None and server != ue:
+            host.cmd(f"ping -c1 -W1 {network.ip(server)}")
         _reroute(exp, ue, src.name, dst.name)
     exp.attachment[ue] = cell
     return {**ev, "moved": True}
@@ -157,10 +167,14 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
              if c.get("listen")]
     addr = f"tcp://{exp.network.ip(new)}:{max(ports) + 1}"
     rename = {r: [new if h == old else h for h in hs] for r, hs in nc["roles"].items()}
-    nc.update(name=new, listen=addr, accept=[], roles=rename,
+    # In the run's recovery epoch: after a rollback, older epochs' messages are dropped.
+    nc.update(name=new, listen=addr, accept=[], roles=rename, epoch=exp.recovery.epoch,
               checkpoint=exp.run_dir.file("ckpt", f"{new}.pt"))
     path = os.path.join("nodes", f"{new}.json")
     exp.run_dir.write_json(path, nc)
+    # Watched for heartbeats from its own first one: a node of that name that left (the
+    # model was here before) must not make it look silent.
+    exp.recovery.liveness.last.pop(new, None)
     exp.procs[new] = exp.launcher.start(exp.network.host(new), exp.run_dir.file(path),
                                         exp.run_dir.file("logs", f"{new}.log"))
     exp.node_configs[new] = nc
@@ -191,15 +205,17 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
         _send(exp, n, rnd, cmd="repoint", old=old, new=new, addr=addr, accept=dialled)
     repointed = exp._collect("REPORT", rnd, cfg.start_timeout_s, "repoint", nodes=rest)
     t_done = time.perf_counter()
+    proc = exp.procs.pop(old)  # first: its exit must not look like a death (testbed.recovery)
     _send(exp, old, rnd, cmd="stop")
     exp._collect("BYE", 0, 60, f"stopping {old}", nodes=[old])
-    proc = exp.procs.pop(old)
     if proc.wait(30) is None:
         proc.stop()
     # The run's bookkeeping: who serves, who holds what, what to evaluate, counter baselines.
     exp.roles = {r: [new if h == old else h for h in hs] for r, hs in exp.roles.items()}
     exp.placement[new] = exp.placement.pop(old)
     exp.parts = {c: [(new if n == old else n, s) for n, s in p] for c, p in exp.parts.items()}
+    nc["accept"] = dialled  # a restart of the new node (testbed.recovery) waits for them
+    del exp.node_configs[old]
     base = exp.rounds[-1]["_proto"] if exp.rounds else exp._startup_proto
     base.update({n: r["proto"] for n, r in repointed.items()})
     exp.run_dir.write_json("pids.json", {n: p.pid for n, p in exp.procs.items()})
@@ -211,13 +227,14 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
           "repointed": dialled,
           "backhaul": {hop: {"intf": i, "tx_bytes": ifaces.get(i, {}).get("tx_bytes", 0)}
                        for hop, i in hops}}
+    console.print(f"migration {old} -> {new} before round {rnd}: {ev['bytes']} bytes in "
+                  f"{ev['transfer_s']:.3f}s, whole {ev['time_s']:.2f}s, hash {ev['hash'][:12]}")
     return ev
 
 
 def note(exp: Experiment, ev: dict[str, Any]) -> None:
-    """Log an event: the next round's record and events.jsonl."""
-    exp.events.append(ev)
-    exp.run_dir.append("events.jsonl", ev)
+    """Log an event: events.jsonl and the round's record (Experiment.log_event)."""
+    exp.log_event(ev)
 
 
 def handover(exp: Experiment, ue: str, cell: int, rnd: int,
@@ -231,3 +248,32 @@ def handover(exp: Experiment, ue: str, cell: int, rnd: int,
         evs.append(migrate(exp, target, rnd))
         note(exp, evs[-1])
     return evs
+
+
+@register("handover")
+def on_handover(exp: Experiment, ev: Event, ctx: EventContext) -> dict[str, Any]:
+    """The scenario reaction (testbed.scenario): the attachment moves at once, on whichever
+    thread the event fires (a mobility handover mid-round: the UE's traffic to the old edge
+    goes on over the backhaul); a migration, if the serving edge changed, waits for the next
+    round boundary, on the main thread (ctx.later)."""
+    follow = exp.scenario.follow if exp.scenario else None
+    hand = move_attachment(exp, ev.user, ev.cell)
+    current, target = exp.roles["server"][0], serving_edge(exp, follow)
+    out = {k: hand[k] for k in ("from_cell", "to_cell", "moved", "intf") if k in hand}
+    out.update(serving=current, target=target)
+    if target != current:
+        ctx.later(lambda e: _migrate_at_boundary(e, follow))
+        out["migration"] = "at the next round boundary"
+    return out
+
+
+def _migrate_at_boundary(exp: Experiment, follow: str | None) -> None:
+    runner = exp.scenario_runner
+    rnd = runner.round + (0 if runner.phase == "before_round" else 1)
+    target = serving_edge(exp, follow)  # later handovers may have changed it again
+    if target == exp.roles["server"][0]:
+        return
+    if rnd > exp.cfg.rounds:
+        note(exp, {"kind": "migration_skipped", "to": target, "reason": "no round left"})
+        return
+    note(exp, migrate(exp, target, rnd))

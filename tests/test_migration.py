@@ -103,3 +103,31 @@ def test_segments_with_dotted_unit_names_and_buffers_load():
     assert any(n.endswith("running_mean") for n in msg.tensors)
     unpack_into(new, msg.tensors, msg.meta)
     assert state_hash(*pack_context(new)) == state_hash(*pack_context(old))
+
+
+def test_mid_round_handover_migrates_at_the_next_boundary(tmp_path):
+    """A handover during round 2 (timer thread) moves the attachment at once; the migration
+    waits for the boundary before round 3 and moves what e1 held after round 2."""
+    from nodes.migrate import checkpoint_hash
+    from testbed.config import RunConfig
+    from testbed.experiment import Experiment
+    from testbed.metrics import read_rounds
+    from testbed.scenario import Handover, Scenario
+
+    topo, _ = load_topology(os.path.join(ROOT, "topologies", "cellular.py"),
+                            params={"cells": 2, "ues": 1, "edges": "per-cell"})
+    cfg = RunConfig.from_dict(dict(name="mig", dataset="digits", rounds=3, iters_per_round=20,
+                                   batch_size=32, momentum=0.9, port=18100, evaluate=False,
+                                   out_dir=str(tmp_path)))
+    drive = Scenario([Handover(during_round=2, at=0.01, user="ue1", cell=2)], follow="ue1")
+    exp = Experiment(cfg, topo, topology="cellular", scenario=drive, loopback=True)
+    exp.run()
+    rounds = read_rounds(exp.run_dir.path)
+    (react,) = [e for r in rounds for e in r.get("events", []) if e["kind"] == "reaction"]
+    (mig,) = [e for r in rounds for e in r.get("events", []) if e["kind"] == "migration"]
+    assert (react["target"], react["migration"]) == ("e2", "at the next round boundary")
+    assert (mig["from"], mig["to"], mig["before_round"]) == ("e1", "e2", 3)
+    assert [sorted(r["nodes"]) for r in rounds] == [["e1", "ue1", "ue2"]] * 2 + [
+        ["e2", "ue1", "ue2"]]
+    assert checkpoint_hash(exp.run_dir.file("ckpt", "e1.pt")) == mig["hash"]
+    assert exp.attachment["ue1"] == 2 and exp.roles["server"] == ["e2"]
