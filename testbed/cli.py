@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from testbed.compare import add_parser as add_compare  # it imports this module
 
     add_compare(sub)
+    from testbed.scenario import add_parser as add_scenario
+
+    add_scenario(sub)
     return p
 
 

@@ -37,7 +37,14 @@ from testbed.migration import note
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
 from testbed.recovery import Recovery
-from testbed.scenario import REACTIONS, Scenario, ScenarioError, ScenarioRunner, link_ops
+from testbed.scenario import (
+    REACTIONS,
+    Scenario,
+    ScenarioError,
+    ScenarioRunner,
+    link_ops,
+    record_line,
+)
 
 
 class RunFailed(RuntimeError):
@@ -435,6 +442,8 @@ class Experiment:
             if rec.get("kind") != "position":
                 self.events.append(rec)
             self.run_dir.append("events.jsonl", rec)
+        if line := record_line(rec):
+            console.print(f"[cyan]scenario: {line}")
 
     def _plot(self) -> None:
         from testbed.metrics import plot_rounds
