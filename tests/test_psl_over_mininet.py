@@ -139,8 +139,9 @@ def test_a_crashed_node_fails_the_run_with_a_clear_message(tmp_path, no_leaks):
     def crash(exp, rnd):
         os.kill(exp.procs["c2"].pid, signal.SIGKILL)
 
+    # Without restarts (max_restarts=0); with them, tests/test_fault_over_mininet.py.
     with pytest.raises(RunFailed, match=r"node c2 exited with code -9"):
-        tiny_run(tmp_path, on_round=crash, rounds=3, iters_per_round=5)
+        tiny_run(tmp_path, on_round=crash, rounds=3, iters_per_round=5, max_restarts=0)
 
 
 def test_ctrl_c_tears_everything_down(tmp_path, no_leaks):
