@@ -431,13 +431,24 @@ class WeightQuantizer:
                 p.copy_(w)
         self._versions = [p._version for p in self.params]
 
-    def before_step(self) -> None:
-        """Put the masters in the modules so the optimizer steps them. Weights loaded from
-        outside since the last projection (an SL hand-off, SFL's W_DOWN) become the masters."""
+    def adopt(self) -> None:
+        """Weights loaded from outside since the last projection (an SL hand-off, SFL's
+        W_DOWN average) become the masters."""
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.params, self.master, strict=True)):
                 if p._version != self._versions[i]:
                     m.copy_(p)
+
+    def sync(self) -> None:
+        """Adopt and project: the device holds low-precision weights again (end of round)."""
+        self.adopt()
+        self.project()
+
+    def before_step(self) -> None:
+        """Put the masters (adopting outside loads) in the modules so the optimizer steps them."""
+        self.adopt()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master, strict=True):
                 p.copy_(m)
 
     def after_step(self) -> None:
@@ -474,5 +485,6 @@ def compression_report(ctx: Any) -> None:
         ctx.extra["cut_codec"] = {"method": ctx.cut.codec.method, "raw_bytes": ctx.cut.raw_bytes,
                                   "wire_bytes": ctx.cut.wire_bytes}
         ctx.cut.raw_bytes = ctx.cut.wire_bytes = 0
-    if ctx.wquant is not None:
+    if ctx.wquant is not None:  # before the checkpoint: what the device holds is low-precision
+        ctx.wquant.sync()
         ctx.extra["client_weights"] = ctx.wquant.stats()

@@ -167,6 +167,10 @@ def test_weight_quantizer_levels_and_training():
     model.load_state_dict(handed)
     pruned.before_step()
     assert torch.equal(pruned.master[0], handed["0.weight"])
+    model.load_state_dict(handed)  # e.g. SFL's W_DOWN average at the end of a round
+    wq.sync()  # before the checkpoint: low-precision again, the average as the master
+    assert all(n <= 2 ** 4 for n in wq.stats()["levels"])
+    assert torch.equal(wq.master[0], handed["0.weight"])
 
 
 def test_errors_name_the_field():
