@@ -27,7 +27,7 @@ SCENARIO = os.path.join(ROOT, "scenarios", "mesh_link_cut.yaml")
 CLEAN = {"loss": 0, "jitter": 0}
 TOPO = {"rows": 2, "cols": 2, "clients": 2, "attach": ["m1"],
         "links": {"mesh": CLEAN, "access": CLEAN}}
-ITERS, BATCH, CLIENTS = 30, 32, 2
+ITERS, BATCH, CLIENTS = 20, 32, 2
 CFG = dict(name="cut", dataset="digits", model="smallcnn", scheme="psl", rounds=4,
            iters_per_round=ITERS, batch_size=BATCH, evaluate=False)
 NOISE = 64 * 1024  # what a hop no route uses may still carry in a round (ARP, ND)
@@ -43,7 +43,7 @@ def run(tmp, loopback: bool = False, **kw) -> Experiment:
 
 @pytest.fixture(scope="module")
 def cut(tmp_path_factory):
-    exp = run(tmp_path_factory.mktemp("cut"), scenario=SCENARIO, port=17040)
+    exp = run(tmp_path_factory.mktemp("cut"), scenario=SCENARIO, port=17040, launcher="zygote")
     path = exp.run_dir.path
     return (exp, read_rounds(path), read_events(path),
             json.loads((path / "summary.json").read_text()))
