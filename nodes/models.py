@@ -71,6 +71,17 @@ class UnitSequential(nn.Sequential):
             raise TypeError(f"{torch.typename(module)} is not a Module subclass")
         self._modules[name] = module
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str],
+                              unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # nn.Module flags a key as unexpected when its first dotted component names no child;
+        # "layer1.0.conv1.weight" belongs to unit "layer1.0", which load_state_dict loads.
+        seen = len(unexpected_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        dotted = tuple(f"{prefix}{n}." for n in self._modules if "." in n)
+        unexpected_keys[seen:] = [k for k in unexpected_keys[seen:] if not k.startswith(dotted)]
+
     def get_submodule(self, target: str) -> nn.Module:
         for name, unit in self._modules.items():
             if unit is None or "." not in name:

@@ -287,3 +287,17 @@ def test_bad_or_out_of_order_cuts_are_rejected(cuts, bad):
 def test_cuts_given_as_one_string_are_rejected():
     with pytest.raises(TypeError, match="conv1"):
         split_model(build_model("smallcnn"), "conv1")
+
+
+def test_resnet_segments_load_their_own_state_dicts_strictly():
+    # Checkpoints, evaluation and FedAvg load segment state dicts whose keys hold dotted unit
+    # names ("layer1.0.conv1.weight"): they must load, and a stray key must still be refused.
+    cuts = ["layer1.1"]
+    src = split_model(build_model("resnet18", in_channels=3, image_size=32, seed=0), cuts)
+    dst = split_model(build_model("resnet18", in_channels=3, image_size=32, seed=1), cuts)
+    for a, b in zip(src, dst, strict=True):
+        b.load_state_dict(a.state_dict())
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                     b.state_dict().values(), strict=True))
+        with pytest.raises(RuntimeError, match="layer9.0.stray"):
+            b.load_state_dict({**a.state_dict(), "layer9.0.stray": torch.zeros(1)})
