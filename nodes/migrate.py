@@ -119,9 +119,8 @@ def unpack_into(ctx: NodeContext, tensors: Tensors, meta: dict[str, Any]) -> Non
 
 
 def load_weights(seg: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """Copy `sd` into the segment's own tensors, key for key and shape for shape. Not
-    load_state_dict: it cannot load segments whose unit names hold dots (resnet18's
-    "layer1.0"), which look like nested modules to it."""
+    """Copy `sd` into the segment's own tensors, key for key, shape and dtype checked first,
+    so a bad STATE is refused by name before any tensor of the segment changes."""
     own = seg.state_dict()
     if own.keys() != sd.keys():
         raise MigrationError(f"{what}: keys differ: missing {sorted(own.keys() - sd.keys())[:5]}"
