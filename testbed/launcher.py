@@ -175,7 +175,15 @@ class ZygoteLauncher(Launcher):
             time.sleep(0.05)
         from testbed.zygote import ZygoteClient
 
-        self.client = ZygoteClient(self.path)
+        while True:  # the socket file exists from bind(); connecting waits for listen()
+            try:
+                self.client = ZygoteClient(self.path)
+                break
+            except ConnectionRefusedError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"zygote did not listen: {self._log()}") from None
+                time.sleep(0.05)
 
     def _log(self) -> str:
         try:
