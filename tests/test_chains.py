@@ -120,22 +120,13 @@ def test_a_model_split_over_three_vehicles_and_the_edge_server_trains(tmp_path):
         assert n["srv"]["tx_bytes"] == k * a3 + n["srv"]["tx_header_bytes"]
 
 
-@pytest.mark.parametrize("case", ["psl", "sflv1_u"])
-def test_a_relay_tier_computes_what_the_two_tier_server_would(tmp_path, case):
-    """A relay does on its segments what the server does on its own, so a scheme is the same
-    optimisation whether the server's segments sit on one node or on an edge relay and the
-    cloud: the same losses, round after round (summation order aside). PSL: one shared relay
-    copy over the concatenated batch; SFL-V1 U-shaped: a relay copy per user, averaged each
-    round, the cloud's A2 relayed down to the users and its gradient up, the fed server's
-    FedAvg of head and tail."""
-    cfg = {} if case == "psl" else dict(
-        scheme="sflv1", scheme_options={"u_shaped": True}, cuts=["conv1", "conv2", "fc1"],
-        rounds=2, iters_per_round=6, topo_params={
-            "users": 2, "edges": 1, "cec_ratio": 0.5, "fed": True,
-            "links": {"access": CLEAN, "edge_cloud": CLEAN}})
+def test_a_relay_tier_computes_what_the_two_tier_server_would(tmp_path):
+    """PSL is the same optimisation whether the server's segments sit on one node or on an
+    edge relay and the cloud: the same losses, round after round (summation order aside).
+    (SFL-V1 U-shaped: tests/test_chains_schemes.py.)"""
     port = free_ports()
-    _, chain = run(tmp_path / "chain", loopback=True, evaluate=False, port=port, **cfg)
-    _, flat = run(tmp_path / "flat", loopback=True, evaluate=False, tiers=[], port=port, **cfg)
+    _, chain = run(tmp_path / "chain", loopback=True, evaluate=False, port=port)
+    _, flat = run(tmp_path / "flat", loopback=True, evaluate=False, tiers=[], port=port)
     assert [r["train_loss"] for r in chain] == pytest.approx(
         [r["train_loss"] for r in flat], rel=1e-4)
 

@@ -82,3 +82,19 @@ def test_the_smashed_data_crosses_the_relay_hops(scheme_run):
         for r in rounds:  # the relay passes ACT2 and GRAD2 on unchanged
             edge = r["nodes"]["edge1"]["by_type"]
             assert edge["ACT2.rx"] == edge["ACT2.tx"] > 0 < edge["GRAD2.rx"] == edge["GRAD2.tx"]
+
+
+@pytest.mark.net
+def test_a_relay_does_on_its_segments_what_the_server_does(tmp_path):
+    """SFL-V1 U-shaped is the same optimisation over users -> edge -> cloud as over users ->
+    cloud: relay copies per user averaged each round, the cloud's A2 relayed down and its
+    gradient up, the fed server's FedAvg of head and tail: the same losses."""
+    topo = {"users": USERS, "edges": 1, "cec_ratio": 0.5, "fed": True,
+            "links": {"access": CLEAN, "edge_cloud": CLEAN}}
+    losses = {}
+    for tiers in (["edge"], []):
+        _, _, rounds = run_exp(tmp_path / str(len(tiers)), topo_params=topo, scheme="sflv1",
+                               scheme_options={"u_shaped": True}, cuts=CUTS_U, tiers=tiers,
+                               rounds=2, iters_per_round=6, evaluate=False, launcher="zygote")
+        losses[len(tiers)] = [r["train_loss"] for r in rounds]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
