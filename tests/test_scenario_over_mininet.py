@@ -19,6 +19,7 @@ from testbed.cli import load_topology
 from testbed.config import RunConfig
 from testbed.experiment import Experiment
 from testbed.metrics import read_events, read_rounds
+from testbed.scenario import simulate
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,3 +105,13 @@ def test_kernel_counters_show_the_traffic_on_the_new_path(cut):
         else:  # round 2: cut mid-round, both
             assert via2 > NOISE and via3 > NOISE and via2 + via3 >= sent
     assert (exp.run_dir.path / "rounds.png").stat().st_size > 10_000
+
+
+def test_the_applied_link_states_are_the_planned_sequence(cut):
+    """Determinism: what the run applied to the emulated links is, state by state, what the
+    timeline gives on a recording network (testbed.scenario.simulate) with the run's seed."""
+    exp, _, events, _ = cut
+    applied = [(e["link"], e["by"], e["state"]) for e in events if e["kind"] == "link_state"]
+    plan = simulate(exp.scenario, exp.topo, seed=exp.cfg.seed, rounds=4, round_s=5.0)
+    assert len(applied) == 3
+    assert applied == [(s["link"], s["by"], s["state"]) for s in plan.link_states]
