@@ -93,6 +93,14 @@ class SplitScheme(Scheme):
         server). Default: none."""
         return placement
 
+    @staticmethod
+    def stored_on_server(placement: dict[str, list[int]], roles: Roles,
+                         client_segs: list[int]) -> dict[str, list[int]]:
+        """`placement` with the server also holding the client segments (a scheme whose
+        server keeps the latest or a global client model: SL's store)."""
+        return {**placement, **{s: sorted({*client_segs, *placement[s]})
+                                for s in roles["server"]}}
+
     def client_segs(self, ctx: NodeContext) -> list[int]:
         """The segments a client holds in this run (from the run's placement)."""
         if ctx.placement and ctx.clients:

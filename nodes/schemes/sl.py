@@ -42,8 +42,7 @@ class VanillaSL(SplitScheme):
     def keep_for_clients(self, placement: dict[str, list[int]], roles: Roles,
                          client_segs: list[int]) -> dict[str, list[int]]:
         if self.via_server():  # the server also keeps the latest W_c between turns
-            for s in roles["server"]:
-                placement[s] = sorted({*client_segs, *placement[s]})
+            return self.stored_on_server(placement, roles, client_segs)
         return placement
 
     def connections(self, roles: Roles) -> list[tuple[str, str]]:
