@@ -32,6 +32,7 @@ from testbed.capabilities import probe
 from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
+from testbed.membership import participants
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.migration import note
 from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
@@ -126,6 +127,7 @@ class Experiment:
         self.topology_args = topology_args or {}
         self.resume = resume
         self.selector: Selector | None = None  # client selection (cfg.selection)
+        self.absent: set[str] = set()  # clients out of the run (testbed.membership)
         self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.recovery)
         try:
             self.host_roles = host_roles(topo, cfg.roles)
@@ -332,10 +334,11 @@ class Experiment:
                                          {c: i["samples"] for c, i in self.shard_info.items()},
                                          self.cfg.seed)
             chosen, choice = self.selector.choose()
+        members = participants(self, choice.get("chosen"))
         while True:  # a node dying mid-round makes the round redo (testbed.recovery)
             attempts += 1
             self._broadcast(rnd, cmd="round", iters=self.iters,
-                            **({"clients": choice["chosen"]} if choice else {}))
+                            **({"clients": members} if members is not None else {}))
             try:
                 with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
                     reports = self._collect("REPORT", rnd, self.cfg.round_timeout_s,
@@ -370,6 +373,8 @@ class Experiment:
             rec["attempts"] = attempts
         if choice:
             rec["selection"] = choice
+        if self.absent:
+            rec["absent"] = sorted(self.absent)
         with self.event_lock:  # the scenario timer may be adding one
             if self.events:
                 rec["events"], self.events = self.events, []
