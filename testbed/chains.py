@@ -20,11 +20,11 @@ import math
 from typing import Any
 
 import networkx as nx
-from mininet.topo import Topo
 
 from nodes.models import build_model, split_model, unit_stats
 from nodes.schemes.base import Roles, Scheme
 from testbed.controller import place_segments
+from testbed.topolib import Topo
 
 FLOAT_BYTES = 4
 

@@ -16,9 +16,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from mininet.topo import Topo
-
 from testbed.config import ConfigError, RunConfig
+from testbed.topolib import Topo
 
 
 def parse_value(text: str) -> Any:

@@ -18,10 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-from mininet.topo import Topo
 
 from nodes.compression import make_codec
 from nodes.data import load_dataset
@@ -32,10 +31,10 @@ from testbed.capabilities import probe
 from testbed.config import RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
+from testbed.loopback import LoopbackNetwork, counter_delta
 from testbed.membership import participants
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.migration import note
-from testbed.network import LoopbackNetwork, Network, build_network, counter_delta
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
 from testbed.recovery import Recovery
 from testbed.scenario import (
@@ -46,6 +45,10 @@ from testbed.scenario import (
     link_ops,
     record_line,
 )
+from testbed.topolib import Topo
+
+if TYPE_CHECKING:  # testbed.network imports Mininet: only a Mininet run loads it
+    from testbed.network import Network
 
 
 class RunFailed(RuntimeError):
@@ -249,6 +252,8 @@ class Experiment:
                     console.print(f"[yellow]loopback network: cpu and mem_mb are NOT applied "
                                   f"({self.limits})")
             else:
+                from testbed.network import build_network
+
                 self.network = build_network(self.topo, self.caps,
                                              link_backend=cfg.link_backend, limits=self.limits)
             for item in self.network.not_applied:

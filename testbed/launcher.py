@@ -23,8 +23,6 @@ import tempfile
 import time
 from typing import Any
 
-from testbed.network import CGROUP_ROOT, usable_cgroups
-
 CGROUP_JOIN_FAILED = 125  # exit code of a node that could not join its host's cgroups
 
 
@@ -129,6 +127,8 @@ def host_cgroups(host: Any) -> list[str]:
         return host.cgroup_dirs()
     if not hasattr(host, "cgroup"):  # a plain host: no cgroup, whatever exists by its name
         return []
+    from testbed.network import CGROUP_ROOT, usable_cgroups  # Mininet hosts only
+
     return usable_cgroups([os.path.join(CGROUP_ROOT, c, host.name)
                            for c in ("cpu", "cpuacct", "cpu,cpuacct", "cpuset")])
 

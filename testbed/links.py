@@ -13,6 +13,7 @@ Both offer the same run-time calls: set_link, link_down / link_up, and replay of
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 import tempfile
@@ -21,11 +22,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from mininet.node import Host
-from mininet.topo import Topo
-
 from testbed.linkmodel import Direction, LinkParams
 from testbed.relay import RelayControl, relay_command
+from testbed.topolib import Topo
 
 SHAPING_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size")
 
@@ -40,16 +39,25 @@ def is_shaped(p: LinkParams) -> bool:
     return p.up != Direction() or p.down != Direction()
 
 
-class RelayHost(Host):
-    """A namespace whose two interfaces are bridged by a relay process: no IP, no IPv6."""
+@functools.cache
+def relay_host_class() -> type:
+    """The Mininet host class of relay nodes. Made on first use: this module is imported by
+    loopback runs too (scenarios), which must not need Mininet (testbed.topolib)."""
+    from mininet.node import Host
 
-    def config(self, **params: Any) -> dict:
-        r = super().config(**params)
-        for intf in self.intfList():
-            if intf.name != "lo":
-                self.cmd("ip addr flush dev", intf.name)
-        self.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
-        return r
+    class RelayHost(Host):
+        """A namespace whose two interfaces are bridged by a relay process: no IP, no IPv6."""
+
+        def config(self, **params: Any) -> dict:
+            r = super().config(**params)
+            for intf in self.intfList():
+                if intf.name != "lo":
+                    self.cmd("ip addr flush dev", intf.name)
+            self.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 "
+                     "net.ipv6.conf.default.disable_ipv6=1")
+            return r
+
+    return RelayHost
 
 
 class LinkBackend:
@@ -234,7 +242,7 @@ class RelayBackend(LinkBackend):
                 continue
             self.params[(n1, n2)] = p
             x = f"x{i}"
-            out.addHost(x, cls=RelayHost, ip=None, role="relay")
+            out.addHost(x, cls=relay_host_class(), ip=None, role="relay")
             # Keep the original port numbers on n1 and n2, so interface names do not change.
             out.addLink(n1, x, port1=rest.pop("port1", None), port2=0)
             out.addLink(x, n2, port1=1, port2=rest.pop("port2", None), **rest)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
+from testbed.loopback import counter_delta
 from testbed.metrics import console
-from testbed.network import counter_delta
 from testbed.scenario import Event, EventContext, register
 
 if TYPE_CHECKING:

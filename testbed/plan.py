@@ -16,12 +16,12 @@ from itertools import pairwise
 from typing import Any
 
 import torch
-from mininet.topo import Topo
 
 from nodes.data import dataset_info, load_dataset, partition
 from nodes.schemes.base import Scheme
 from testbed.chains import place_chain, relays_of
 from testbed.config import RunConfig
+from testbed.topolib import Topo
 
 
 class PlanError(ValueError):

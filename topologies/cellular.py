@@ -37,9 +37,7 @@ the node its radio link starts from (cell<c>): scenarios move UEs against them
 """
 
 
-from mininet.topo import Topo
-
-from testbed.topolib import link_kwargs, load
+from testbed.topolib import Topo, link_kwargs, load
 
 EDGES = ("shared", "per-cell")
 LINKS = {"cell": "cellular", "backhaul": "wireless-backhaul"}  # link class -> default preset

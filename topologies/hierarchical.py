@@ -26,10 +26,8 @@ cloud. With fed=True a fed server (role "fedserver", SplitFed's) sits at the clo
 """
 
 
-from mininet.topo import Topo
-
 from testbed.linkmodel import LinkParams
-from testbed.topolib import link_kwargs, load
+from testbed.topolib import Topo, link_kwargs, load
 
 LINKS = {"access": "cellular", "edge_cloud": "wired-backhaul"}  # link class -> default preset
 USER_GCYCLES = (0.1, 0.2, 0.3, 0.4, 0.5)  # seed Fig. 4/6 clients, U[0.1, 0.5] made deterministic

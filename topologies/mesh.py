@@ -19,9 +19,8 @@ topologies/cellular.py. Routing and addressing: docs/topologies.md.
 
 
 import networkx as nx
-from mininet.topo import Topo
 
-from testbed.topolib import link_kwargs, load
+from testbed.topolib import Topo, link_kwargs, load
 
 LINKS = {"mesh": "mesh", "access": "cellular"}  # link class -> default preset
 

@@ -15,9 +15,7 @@ topologies/cellular.py.
 """
 
 
-from mininet.topo import Topo
-
-from testbed.topolib import link_kwargs, load
+from testbed.topolib import Topo, link_kwargs, load
 
 LINKS = {"v2v": "v2v", "cell": "cellular"}  # link class -> default preset
 

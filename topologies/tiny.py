@@ -11,7 +11,7 @@ Run it through sledge (`sledge run topologies/tiny.py`) or on its own
 (`sudo .venv/bin/python topologies/tiny.py --help`).
 """
 
-from mininet.topo import Topo
+from testbed.topolib import Topo
 
 
 class TinyTopo(Topo):
