@@ -1,9 +1,9 @@
 """`python -m nodes --config FILE`: run one node process from a JSON config."""
 
 import argparse
-import json
 import sys
 
+from nodes.nodeconfig import read
 from nodes.runtime import run_node
 
 
@@ -11,8 +11,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m nodes", description=__doc__)
     p.add_argument("--config", required=True, help="node config (JSON) written by the testbed")
     args = p.parse_args()
-    with open(args.config) as f:
-        return run_node(json.load(f))
+    return run_node(read(args.config))
 
 
 if __name__ == "__main__":

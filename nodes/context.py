@@ -14,6 +14,8 @@ and reports the measured and the modelled time beside the time the block took.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import time
 from collections import Counter, deque
@@ -32,6 +34,25 @@ from nodes.protocol import Endpoint, Message
 class UnexpectedMessage(RuntimeError):
     pass
 
+
+
+def save_state(state: dict[str, Any], path: str) -> None:
+    """torch.save through memory and one plain write: on a full disk torch's zip writer
+    fails with 'unexpected pos ...', a plain write with OSError 'No space left on device'
+    naming the file. A partial file is removed."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if e.filename is None:
+            e.filename = path
+        raise
 
 @dataclass(frozen=True)
 class ComputeModel:
@@ -288,7 +309,7 @@ class NodeContext:
                           "order": self._order, "cursor": self._cursor},
                  "rng": torch.get_rng_state()}
         tmp = f"{self.ckpt_path}.tmp"
-        torch.save(state, tmp)
+        save_state(state, tmp)
         if os.path.exists(self.ckpt_path):
             os.replace(self.ckpt_path, f"{self.ckpt_path}.prev")
         os.replace(tmp, self.ckpt_path)

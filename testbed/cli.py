@@ -3,16 +3,22 @@
     sledge run TOPOLOGY.py [--scheme psl] [--rounds N] [-p bw=10] ...
     sledge compare [TOPOLOGY.py] [--schemes fl psl epsl:phi=0.5 ...] [--rounds N]
     sledge caps
+
+Every error ends here, as one line on stderr: exit 2 for bad input (the line names the field or
+file), 1 for a run that failed, 130 when interrupted; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import importlib.util
 import inspect
+import logging
 import os
 import sys
+import traceback
 from dataclasses import fields
 from typing import Any
 
@@ -44,7 +50,13 @@ def load_topology(path: str, name: str | None = None,
         raise ConfigError(f"topology: no such file {path!r}")
     spec = importlib.util.spec_from_file_location(f"sledge_topo_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"topology {path}, line {e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # the script's own error, whatever it is: name the script's line
+        raise ConfigError(f"topology {path}{_script_line(e, path)}: importing it raised "
+                          f"{_one_line(e)}") from e
     topos = getattr(module, "TOPOS", None)
     if not isinstance(topos, dict) or not topos:
         raise ConfigError(f"topology {path}: defines no TOPOS = {{'name': TopoClass}}")
@@ -58,7 +70,25 @@ def load_topology(path: str, name: str | None = None,
     if unknown:
         valid = [k for k in accepted if k != "self"]
         raise ConfigError(f"topology {name}: unknown parameter(s) {unknown}; valid: {valid}")
-    return cls(**params), name
+    try:
+        return cls(**params), name
+    except Exception as e:
+        raise ConfigError(f"topology {path}{_script_line(e, path)}: building {name!r} with "
+                          f"{params or 'defaults'} raised {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _script_line(e: BaseException, path: str) -> str:
+    """', line N' of the deepest frame of the traceback inside the script `path`."""
+    where = ""
+    for frame in traceback.extract_tb(e.__traceback__):
+        if os.path.abspath(frame.filename) == os.path.abspath(path):
+            where = f", line {frame.lineno}"
+    return where
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +205,7 @@ def config_from_args(a: argparse.Namespace, topo_name: str) -> RunConfig:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from testbed.experiment import Experiment, RunFailed
+    from testbed.experiment import Experiment
     from testbed.metrics import console
 
     params = parse_params(a.topo_param, "-p")
@@ -189,20 +219,14 @@ def cmd_run(a: argparse.Namespace) -> int:
             cfg, on_start = allocate_run(topo, cfg, a.allocate, log=console.print)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    try:
-        Experiment(cfg, topo, topology=a.topology, loopback=a.loopback, on_start=on_start,
-                   topology_args={"name": topo_name, "params": params}).run()
-    except RunFailed as e:
-        console.print(f"[red]run failed: {e}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    Experiment(cfg, topo, topology=a.topology, loopback=a.loopback, on_start=on_start,
+               topology_args={"name": topo_name, "params": params}).run()
     return 0
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
     """Continue an interrupted run in its folder from the last round it recorded."""
-    from testbed.experiment import Experiment, RunFailed
+    from testbed.experiment import Experiment
     from testbed.metrics import console
     from testbed.recovery import resume_state
 
@@ -214,15 +238,11 @@ def cmd_resume(a: argparse.Namespace) -> int:
     targs = r.get("topology_args") or {}
     topo, _ = load_topology(r["topology"], targs.get("name"), targs.get("params") or {})
     cfg = RunConfig.from_dict(r["config"])
+    for line in state.get("notes", []):
+        console.print(f"[yellow]{line}")
     console.print(f"resuming {a.run} after round {state['from_round']} of {cfg.rounds}")
-    try:
-        Experiment(cfg, topo, topology=r["topology"], loopback=bool(r.get("loopback")),
-                   topology_args=targs, resume=state).run()
-    except RunFailed as e:
-        console.print(f"[red]run failed: {e}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    Experiment(cfg, topo, topology=r["topology"], loopback=bool(r.get("loopback")),
+               topology_args=targs, resume=state).run()
     return 0
 
 
@@ -280,19 +300,62 @@ def build_parser() -> argparse.ArgumentParser:
     from testbed.scenario import add_parser as add_scenario
 
     add_scenario(sub)
+    debug = "show the traceback of an error (default: one line naming the field or file)"
+    p.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # after the command too: sledge run ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=debug)
     return p
+
+
+class _ConsoleLog(logging.Handler):
+    """Warnings of the controller's own sockets (nodes.protocol) through the console, so each
+    is a line of its own above the live status line, not text run into a round line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from testbed.metrics import console
+
+        console.print(f"warning: {self.format(record)}", style="yellow", markup=False,
+                      highlight=False)
+
+
+def _error(e: BaseException) -> tuple[int, str]:
+    """Exit code and the one line that say what went wrong."""
+    from testbed.experiment import RunFailed
+
+    if isinstance(e, ConfigError):  # before RunFailed: a refused run is bad input
+        return 2, " ".join(str(e).split())
+    if isinstance(e, PermissionError) and not e.filename:  # e.g. Mininet needs root
+        return 2, str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return 1, f"run failed: {e.filename or 'a write'}: No space left on device"
+    if isinstance(e, RunFailed):
+        return 1, f"run failed: {e}"
+    if isinstance(e, OSError) and e.filename:
+        return 1, f"run failed: {e.filename}: {e.strerror or e}"
+    return 1, f"internal error: {_one_line(e)} (sledge --debug shows where)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    handler = _ConsoleLog(logging.WARNING)
+    logging.getLogger().addHandler(handler)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"sledge: {e}", file=sys.stderr)
-        return 2
-    except PermissionError as e:
-        print(f"sledge: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("sledge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        code, line = _error(e)
+        if debug:
+            traceback.print_exc()
+            if detail := getattr(e, "detail", ""):
+                print(detail, file=sys.stderr)
+        print(f"sledge: {line}", file=sys.stderr)
+        return code
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 def topology_main(path: str) -> None:

@@ -29,6 +29,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from nodes.schemes import get_scheme
 from testbed.cli import HETEROGENEITY, _add_device_args, load_topology, parse_params
 from testbed.config import ConfigError, RunConfig
 from testbed.metrics import console, read_rounds
+from testbed.preflight import check_out_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOPOLOGY = "topologies/cellular.py"
@@ -266,24 +268,27 @@ def compare(a: argparse.Namespace) -> Comparison:
                   backward_flops_factor=a.backward_flops_factor, **device)
     RunConfig.from_dict({**common, "out_dir": a.out_dir})  # bad values fail before any run
     out = Path(a.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
+    runs = []  # every scheme's run checked (config, data, model, cuts) before any starts
+    for spec in specs:
+        topo, _ = load_topology(path, a.topo, params)  # fresh: a build changes its topology
+        cfg = RunConfig.from_dict({**common, "name": spec.slug, "scheme": spec.scheme,
+                                   "scheme_options": spec.options,
+                                   "out_dir": str(out / "runs")})
+        runs.append((spec, Experiment(cfg, topo, topology=path)))
+    check_out_dir(a.out_dir)
     out.mkdir(parents=True, exist_ok=False)
     (out / "compare.json").write_text(json.dumps(
         {"topology": path, "topology_params": params, "schemes": [s.__dict__ for s in specs],
          "common": common}, indent=2, default=str))
     results: list[tuple[Spec, str | None, str | None]] = []
     t0 = time.perf_counter()
-    for i, spec in enumerate(specs, start=1):
+    for i, (spec, exp) in enumerate(runs, start=1):
         console.rule(f"[bold]{i}/{len(specs)}: {spec.label}")
-        topo, _ = load_topology(path, a.topo, params)  # fresh: a build changes its topology
-        cfg = RunConfig.from_dict({**common, "name": spec.slug, "scheme": spec.scheme,
-                                   "scheme_options": spec.options,
-                                   "out_dir": str(out / "runs")})
-        exp = Experiment(cfg, topo, topology=path)
         try:
             exp.run()
             results.append((spec, str(exp.run_dir.path), None))
         except RunFailed as e:
-            console.print(f"[red]{spec.label} failed: {e}")
+            print(f"sledge: compare: {spec.label} failed: {e}", file=sys.stderr)
             results.append((spec, str(exp.run_dir.path) if exp.run_dir else None, str(e)))
     took = time.perf_counter() - t0
     speeds = ", ".join(f"{k} {v / 1e9:g} GHz" for k, v in device["cycles"].items())
@@ -301,16 +306,8 @@ def compare(a: argparse.Namespace) -> Comparison:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from testbed.experiment import RunFailed
-
-    try:
-        result = compare(a)
-    except RunFailed as e:
-        console.print(f"[red]compare failed: {e}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 1 if result.failed else 0
+    """Errors (bad input: exit 2, a failed run: 1, Ctrl-C: 130) are testbed.cli.main's."""
+    return 1 if compare(a).failed else 0
 
 
 def add_parser(sub: Any) -> None:

@@ -28,7 +28,7 @@ from nodes.protocol import Endpoint
 from nodes.schemes import get_scheme
 from nodes.selection import Selector
 from testbed.capabilities import probe
-from testbed.config import RunConfig
+from testbed.config import ConfigError, RunConfig
 from testbed.evaluate import Evaluator
 from testbed.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.loopback import LoopbackNetwork, counter_delta
@@ -36,6 +36,7 @@ from testbed.membership import participants
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.migration import note
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
+from testbed.preflight import free_port_block, make_run_dir, preflight
 from testbed.recovery import Recovery
 from testbed.scenario import (
     REACTIONS,
@@ -52,7 +53,15 @@ if TYPE_CHECKING:  # testbed.network imports Mininet: only a Mininet run loads i
 
 
 class RunFailed(RuntimeError):
-    """The run could not complete; the message says which node or step and why."""
+    """The run could not complete; the message says which node or step and why. `detail`
+    (e.g. a node's traceback) is shown by `sledge --debug` only."""
+
+    detail: str = ""
+
+
+class BadInput(RunFailed, ConfigError):
+    """The run was refused before any node started: the message names the field or file. A
+    RunFailed for callers that catch those, a ConfigError (exit 2) for the command line."""
 
 
 class NodesDead(RunFailed):
@@ -96,7 +105,7 @@ class Experiment:
         try:  # a bad scheme name or option fails here, before any network is built
             self.scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
         except ValueError as e:
-            raise RunFailed(str(e)) from None
+            raise BadInput(f"config field 'scheme': {e}") from None
         self.loopback = loopback
         self.caps = probe()
         self.network: Network | LoopbackNetwork | None = None
@@ -126,7 +135,7 @@ class Experiment:
         try:
             self.scenario = scenario or (Scenario.load(cfg.scenario) if cfg.scenario else None)
         except ScenarioError as e:
-            raise RunFailed(str(e)) from None
+            raise BadInput(str(e)) from None
         self.topology_args = topology_args or {}
         self.resume = resume
         self.selector: Selector | None = None  # client selection (cfg.selection)
@@ -140,7 +149,12 @@ class Experiment:
             self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles,
                                                      self.host_roles)
         except PlanError as e:
-            raise RunFailed(str(e)) from None
+            raise BadInput(str(e)) from None
+        try:  # model, cuts, data set and its files, link parameters: before anything starts
+            preflight(cfg, topo)
+        except ConfigError as e:
+            raise BadInput(str(e)) from e
+
 
     # -- set-up ---------------------------------------------------------------------------------
     def _plan(self) -> RunPlan:
@@ -151,7 +165,7 @@ class Experiment:
                             checkpoint=lambda h: self.run_dir.file("ckpt", f"{h}.pt"),
                             topology=self.topology)
         except PlanError as e:
-            raise RunFailed(str(e)) from None
+            raise BadInput(str(e)) from None
         self.plan = plan
         self.roles, self.placement, self.placement_plan = (plan.roles, plan.placement,
                                                            plan.placement_plan)
@@ -223,8 +237,10 @@ class Experiment:
             if self.recovery.on_message(sender, msg):  # heartbeats, aborted rounds
                 continue
             if msg.type == "ERROR":
-                raise RunFailed(f"node {sender} failed: {msg.meta.get('error')}\n"
-                                f"{msg.meta.get('traceback', '')}")
+                err = RunFailed(f"node {sender} failed: {msg.meta.get('error')} (log: "
+                                f"{self.run_dir.file('logs', f'{sender}.log')})")
+                err.detail = msg.meta.get("traceback", "")  # `sledge --debug` shows it
+                raise err
             if msg.type == mtype and msg.round == rnd and sender in want:
                 got[sender] = msg.meta
         return got
@@ -236,17 +252,24 @@ class Experiment:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        self._scenario_validate()
+        if self.loopback:  # nodes share 127.0.0.1: their ports must be free there
+            try:
+                cfg.port = free_port_block(cfg.port, len(self.topo.hosts()))
+            except ConfigError as e:
+                raise BadInput(str(e)) from e
         self.run_dir = (RunDir.existing(self.resume["path"]) if self.resume
-                        else RunDir(cfg.out_dir, cfg.name))
+                        else self._new_run_dir())
         self.run_id = os.path.basename(self.run_dir.path)
-        for line in self.caps.describe():
-            console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
+        old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        if not self.loopback:  # how links are emulated: nothing of it applies on loopback
+            for line in self.caps.describe():
+                console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
         try:
-            self._scenario_validate()
             self._ctl_dir = tempfile.mkdtemp(prefix="sledge-")
             if self.loopback:
-                console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1")
+                console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1 "
+                              f"(ports from {cfg.port})")
                 self.network = LoopbackNetwork(self.topo, self.caps)
                 if self.limits:
                     console.print(f"[yellow]loopback network: cpu and mem_mb are NOT applied "
@@ -256,7 +279,7 @@ class Experiment:
 
                 self.network = build_network(self.topo, self.caps,
                                              link_backend=cfg.link_backend, limits=self.limits)
-            for item in self.network.not_applied:
+            for item in self.network.not_applied if not self.loopback else ():
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
             self.node_configs = self._plan().configs
@@ -286,7 +309,7 @@ class Experiment:
                     rel = os.path.join("resume", f"{name}.json")
                     nc = {**nc, "restore_round": first - 1}
                 path = self.run_dir.file(rel)
-                self.run_dir.write_json(rel, nc)
+                self.run_dir.write_node_config(rel, nc)
                 self.procs[name] = self.launcher.start(self.network.host(name), path,
                                                        self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
@@ -310,16 +333,45 @@ class Experiment:
             summary = summarize(self.rounds, planned=cfg.rounds)
             summary["recovery"] = self.recovery.summary([r["round"] for r in self.rounds],
                                                         cfg.rounds)
+            summary["status"] = "ok"
             self.run_dir.write_json("summary.json", summary)
             self._plot()
             print_summary(summary, str(self.run_dir.path))
             return summary
         except KeyboardInterrupt:
             console.print("[red]interrupted: tearing down")
+            self._finish_failed("interrupted", "interrupted (Ctrl-C or SIGTERM)")
+            raise
+        except BaseException as e:
+            self._finish_failed("failed", f"{type(e).__name__}: {e}" if not isinstance(
+                e, RunFailed) else str(e))
             raise
         finally:
             self._teardown()
             signal.signal(signal.SIGTERM, old_term)
+
+    def _new_run_dir(self) -> RunDir:
+        try:
+            return make_run_dir(self.cfg.out_dir, self.cfg.name)
+        except ConfigError as e:
+            raise BadInput(str(e)) from e
+
+    def _finish_failed(self, status: str, reason: str) -> None:
+        """A run that did not finish leaves no unmarked folder: summary.json says why, with
+        what it measured; a new run that never started a node (nothing measured, nothing to
+        resume) leaves no folder at all."""
+        if self.run_dir is None or self.run_dir.path is None:
+            return
+        if not self.resume and not self.procs and not self.rounds:
+            shutil.rmtree(self.run_dir.path, ignore_errors=True)
+            return
+        summary: dict[str, Any] = {}
+        if self.rounds:
+            with suppress(Exception):
+                summary = summarize(self.rounds, planned=self.cfg.rounds)
+        summary.update(status=status, reason=reason)
+        with suppress(OSError):  # a full disk must not hide the error that ended the run
+            self.run_dir.write_json("summary.json", summary)
 
     def _resume_start(self) -> int:
         """The first round to run when resuming; the recorded ones count as done."""

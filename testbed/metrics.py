@@ -8,9 +8,11 @@ line and one line per round, then a short summary table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +45,43 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> None:
         target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, target)
+        with _naming(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.write_text(json.dumps(obj, indent=2, default=str))
+            except OSError:
+                tmp.unlink(missing_ok=True)  # no half-written file left on a full disk
+                raise
+            os.replace(tmp, target)
+
+    def write_node_config(self, rel: str, config: dict) -> None:
+        """A node's config, its paths relative to the run folder (so a copied or moved folder
+        still resumes): `run_dir` is the folder relative to the config file's own folder, and
+        nodes.nodeconfig.read makes the paths absolute again when the node starts."""
+        out = dict(config)
+        if out.get("checkpoint"):
+            out["checkpoint"] = os.path.relpath(out["checkpoint"], self.path)
+        out["run_dir"] = os.path.relpath(self.path, (self.path / rel).parent)
+        self.write_json(rel, out)
 
     def append(self, name: str, record: dict) -> None:
-        with open(self.path / name, "a") as f:
+        with _naming(self.path / name), open(self.path / name, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """OSErrors of writes name the file (a failed write() does not): 'No space left on
+    device' alone does not say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def read_rounds(run_path: str | os.PathLike) -> list[dict]:

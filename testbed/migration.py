@@ -171,7 +171,7 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
     nc.update(name=new, listen=addr, accept=[], roles=rename, epoch=exp.recovery.epoch,
               checkpoint=exp.run_dir.file("ckpt", f"{new}.pt"))
     path = os.path.join("nodes", f"{new}.json")
-    exp.run_dir.write_json(path, nc)
+    exp.run_dir.write_node_config(path, nc)
     # Watched for heartbeats from its own first one: a node of that name that left (the
     # model was here before) must not make it look silent.
     exp.recovery.liveness.last.pop(new, None)

@@ -157,7 +157,7 @@ class Recovery:
         exp = self.exp
         cfg = {**exp.node_configs[name], "restore_round": to_round}
         rel = os.path.join("restarts", f"{name}.json")
-        exp.run_dir.write_json(rel, cfg)
+        exp.run_dir.write_node_config(rel, cfg)
         exp.procs[name] = exp.launcher.start(exp.network.host(name), exp.run_dir.file(rel),
                                              exp.run_dir.file("logs", f"{name}.log"))
         exp.run_dir.write_json("pids.json", {n: p.pid for n, p in exp.procs.items()})
@@ -198,40 +198,91 @@ def rejoin_plan(configs: dict[str, dict], restarted: list[str]) -> dict[str, dic
 
 
 def checkpoint_rounds(path: str) -> list[int]:
-    """The rounds a node's checkpoint files (current and .prev) hold."""
+    """The rounds a node's checkpoint files (current and .prev) hold; ValueError naming the
+    file when one is truncated or not a checkpoint at all."""
     out = []
     for p in (path, f"{path}.prev"):
         if os.path.exists(p):
-            out.append(int(torch.load(p, weights_only=True)["round"]))
+            try:
+                out.append(int(torch.load(p, weights_only=True)["round"]))
+            except Exception as e:  # torch raises many kinds for a torn or foreign file
+                why = " ".join(str(e).split())[:200] or type(e).__name__
+                raise ValueError(f"checkpoint {p}: unreadable, truncated or not a "
+                                 f"checkpoint ({type(e).__name__}: {why})") from e
     return out
+
+
+def read_recorded_rounds(path: Path) -> tuple[list[dict], str | None]:
+    """rounds.jsonl's records, and a note if its last line was torn (the run died while
+    writing it) and is dropped here: that round is redone. A bad line before the last is
+    corruption, not a torn write: ValueError naming the file and line."""
+    file = path / "rounds.jsonl"
+    if not file.exists():
+        return [], None
+    raw = file.read_bytes()
+    lines = raw.split(b"\n")
+    records, offset = [], 0
+    for i, line in enumerate(lines, start=1):
+        is_last = i == len(lines) or (i == len(lines) - 1 and lines[-1] == b"")
+        if line.strip():
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "round" not in rec:
+                    raise ValueError("not a round record")
+            except ValueError as e:
+                if not is_last:
+                    raise ValueError(f"{file}, line {i}: corrupt round record ({e}); only a "
+                                     f"torn last line can be dropped") from None
+                # Cut the torn tail off, so this run appends its redo after the last good line.
+                with open(file, "r+b") as f:
+                    f.truncate(offset)
+                return records, (f"{file}, line {i}: torn record dropped (the run stopped "
+                                 f"while writing it); round {len(records) + 1} is redone")
+            records.append(rec)
+        offset += len(line) + 1
+    return records, None
 
 
 def resume_state(run_path: str | os.PathLike) -> dict[str, Any]:
     """What `sledge resume` needs from an interrupted run folder: its config and topology,
     the rounds recorded, and the round to restart from (the last one recorded, which every
-    node checkpointed: a node is at most one round ahead, and keeps the previous file)."""
+    node checkpointed: a node is at most one round ahead, and keeps the previous file).
+    Checkpoint paths are read relative to the folder, so a copied or moved folder resumes."""
     path = Path(run_path)
     try:
         resolved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a run folder (config.json: {e})") from None
-    if (path / "summary.json").exists():
-        raise ValueError(f"{path}: the run completed (summary.json exists); nothing to resume")
-    rounds = []
-    if (path / "rounds.jsonl").exists():
-        from testbed.metrics import read_rounds
-
-        rounds = read_rounds(path)
+    summary = path / "summary.json"
+    if summary.exists():
+        try:
+            status = json.loads(summary.read_text()).get("status", "ok")
+        except (OSError, ValueError, AttributeError):
+            status = "unreadable"
+        if status == "ok":
+            raise ValueError(f"{path}: the run completed (summary.json exists); nothing to "
+                             f"resume")
+    rounds, torn = read_recorded_rounds(path)
     last = rounds[-1]["round"] if rounds else 0
     missing = {}
     for f in sorted((path / "nodes").glob("*.json")):
-        nc = json.loads(f.read_text())
-        if nc.get("checkpoint") and last not in (have := checkpoint_rounds(nc["checkpoint"])):
+        try:
+            nc = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"node config {f}: {e}") from None
+        if not nc.get("checkpoint"):
+            continue
+        # Relative to the folder (RunDir.write_node_config); an absolute path from an older
+        # run points where the folder was: its file name is what counts.
+        ckpt = path / nc["checkpoint"] if not os.path.isabs(nc["checkpoint"]) else \
+            path / "ckpt" / os.path.basename(nc["checkpoint"])
+        if last not in (have := checkpoint_rounds(str(ckpt))):
             missing[nc["name"]] = have
     if missing:
         raise ValueError(f"{path}: no checkpoint of round {last} (the last recorded) for "
                          f"{missing} (node -> rounds found)")
-    return {"path": str(path), "resolved": resolved, "rounds": rounds, "from_round": last}
+    return {"path": str(path), "resolved": resolved, "rounds": rounds, "from_round": last,
+            "notes": [torn] if torn else []}
 
 
 def _signal_node(exp: Experiment, node: str, sig: str) -> dict[str, Any]:

@@ -90,11 +90,10 @@ def _child(req: dict[str, Any]) -> int:
             f.write(str(os.getpid()))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    from nodes.nodeconfig import read
     from nodes.runtime import run_node
 
-    with open(req["config"]) as f:
-        config = json.load(f)
-    return run_node(config)
+    return run_node(read(req["config"]))
 
 
 class Zygote:
