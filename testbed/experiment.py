@@ -253,6 +253,12 @@ class Experiment:
     def run(self) -> dict:
         cfg = self.cfg
         self._scenario_validate()
+        if not self.loopback:
+            try:  # the one place a run needs Mininet: checked before anything is made
+                import testbed.network  # noqa: F401
+            except ImportError as e:
+                raise BadInput(f"a Mininet network needs Debian's mininet package ({e}); "
+                               f"without it, run with --loopback") from e
         if self.loopback:  # nodes share 127.0.0.1: their ports must be free there
             try:
                 cfg.port = free_port_block(cfg.port, len(self.topo.hosts()))
