@@ -272,10 +272,11 @@ def resume_state(run_path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"node config {f}: {e}") from None
         if not nc.get("checkpoint"):
             continue
-        # Relative to the folder (RunDir.write_node_config); an absolute path from an older
-        # run points where the folder was: its file name is what counts.
-        ckpt = path / nc["checkpoint"] if not os.path.isabs(nc["checkpoint"]) else \
-            path / "ckpt" / os.path.basename(nc["checkpoint"])
+        # Relative to the folder (RunDir.write_node_config); an absolute one (older runs)
+        # counts where it is, or else by its name in this folder's ckpt/ (the folder moved).
+        ckpt = path / nc["checkpoint"]
+        if os.path.isabs(nc["checkpoint"]) and not os.path.exists(ckpt):
+            ckpt = path / "ckpt" / os.path.basename(nc["checkpoint"])
         if last not in (have := checkpoint_rounds(str(ckpt))):
             missing[nc["name"]] = have
     if missing:

@@ -3,7 +3,9 @@ abortable waits, the heartbeat thread, liveness, the rejoin plan and resume's ch
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 import time
 
@@ -71,8 +73,11 @@ def test_checkpoint_write_is_atomic_and_keeps_the_previous_round(tmp_path, monke
     ctx.checkpoint(2)
 
     def crash(obj, path):  # dies half-way through writing round 3
-        with open(path, "wb") as f:
-            f.write(b"partial")
+        if hasattr(path, "write"):  # nodes.context.save_state serialises into memory first
+            path.write(b"partial")
+        else:
+            with open(path, "wb") as f:
+                f.write(b"partial")
         raise OSError("disk gone")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -82,6 +87,24 @@ def test_checkpoint_write_is_atomic_and_keeps_the_previous_round(tmp_path, monke
     assert torch.load(f"{ctx.ckpt_path}.prev", weights_only=True)["round"] == 1
     with pytest.raises(RuntimeError, match=r"no checkpoint of round 3 .*found rounds \[2, 1\]"):
         ctx.restore(3)
+
+
+def test_checkpoint_on_a_full_disk_says_so_and_names_the_file(tmp_path, monkeypatch):
+    """torch's own zip writer reports a full disk as 'unexpected pos'; the node's checkpoint
+    write reports OSError ENOSPC with the file, and leaves no partial file."""
+    ctx = make_ctx(tmp_path)
+    ctx.checkpoint(1)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        ctx.checkpoint(2)
+    assert e.value.filename == f"{ctx.ckpt_path}.tmp"
+    assert not os.path.exists(f"{ctx.ckpt_path}.tmp")
+    monkeypatch.undo()
+    assert torch.load(ctx.ckpt_path, weights_only=True)["round"] == 1
 
 
 @pytest.fixture
