@@ -321,8 +321,10 @@ class _ConsoleLog(logging.Handler):
 
 def _error(e: BaseException) -> tuple[int, str]:
     """Exit code and the one line that say what went wrong."""
-    from testbed.experiment import RunFailed
-
+    try:
+        from testbed.experiment import RunFailed
+    except Exception:  # what failed may be that import itself: say so, one line
+        RunFailed = RuntimeError  # noqa: N806
     if isinstance(e, ConfigError):  # before RunFailed: a refused run is bad input
         return 2, " ".join(str(e).split())
     if isinstance(e, PermissionError) and not e.filename:  # e.g. Mininet needs root

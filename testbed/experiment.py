@@ -155,7 +155,6 @@ class Experiment:
         except ConfigError as e:
             raise BadInput(str(e)) from e
 
-
     # -- set-up ---------------------------------------------------------------------------------
     def _plan(self) -> RunPlan:
         try:
