@@ -57,6 +57,7 @@ def relay_host_class() -> type:
                      "net.ipv6.conf.default.disable_ipv6=1")
             return r
 
+    RelayHost.__qualname__ = "RelayHost"  # as if at module level, in logs and reprs
     return RelayHost
 
 

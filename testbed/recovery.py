@@ -197,19 +197,19 @@ def rejoin_plan(configs: dict[str, dict], restarted: list[str]) -> dict[str, dic
     return out
 
 
-def checkpoint_rounds(path: str) -> list[int]:
-    """The rounds a node's checkpoint files (current and .prev) hold; ValueError naming the
-    file when one is truncated or not a checkpoint at all."""
-    out = []
+def checkpoint_rounds(path: str) -> tuple[list[int], list[str]]:
+    """The rounds a node's checkpoint files (current and .prev) hold, and for each file that
+    is truncated or not a checkpoint at all, a line naming it."""
+    out, bad = [], []
     for p in (path, f"{path}.prev"):
         if os.path.exists(p):
             try:
                 out.append(int(torch.load(p, weights_only=True)["round"]))
             except Exception as e:  # torch raises many kinds for a torn or foreign file
-                why = " ".join(str(e).split())[:200] or type(e).__name__
-                raise ValueError(f"checkpoint {p}: unreadable, truncated or not a "
-                                 f"checkpoint ({type(e).__name__}: {why})") from e
-    return out
+                why = " ".join(str(e).split())[:200]
+                bad.append(f"checkpoint {p}: unreadable, truncated or not a checkpoint "
+                           f"({type(e).__name__}{': ' + why if why else ''})")
+    return out, bad
 
 
 def read_recorded_rounds(path: Path) -> tuple[list[dict], str | None]:
@@ -277,7 +277,10 @@ def resume_state(run_path: str | os.PathLike) -> dict[str, Any]:
         ckpt = path / nc["checkpoint"]
         if os.path.isabs(nc["checkpoint"]) and not os.path.exists(ckpt):
             ckpt = path / "ckpt" / os.path.basename(nc["checkpoint"])
-        if last not in (have := checkpoint_rounds(str(ckpt))):
+        have, bad = checkpoint_rounds(str(ckpt))
+        if last not in have:
+            if bad:  # the round needed is in a file that cannot be read: that file is named
+                raise ValueError(bad[0])
             missing[nc["name"]] = have
     if missing:
         raise ValueError(f"{path}: no checkpoint of round {last} (the last recorded) for "

@@ -249,3 +249,44 @@ def test_a_finished_run_is_not_resumed(stopped_run, tmp_path):
     (run / "summary.json").write_text(json.dumps({"status": "ok"}))
     with pytest.raises(ValueError, match="the run completed"):
         resume_state(run)
+
+
+# -- small pieces of the same contract, in process -------------------------------------------
+def test_a_full_disk_in_the_controller_names_the_file(tmp_path, monkeypatch):
+    """A failed write() carries no file name; the run folder's writes add it, and the CLI's
+    line says 'No space left on device' with it (exit 1: the run failed, the input was fine)."""
+    import errno
+
+    from testbed.cli import _error
+    from testbed.metrics import RunDir
+
+    run = RunDir(tmp_path, "full")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        run.append("rounds.jsonl", {"round": 1})
+    code, line = _error(e.value)
+    assert code == 1
+    assert line == f"run failed: {run.path / 'rounds.jsonl'}: No space left on device"
+
+
+def test_controller_warnings_are_whole_lines(monkeypatch):
+    """A warning of the controller's sockets goes through the console (above its live status
+    line) as a line of its own."""
+    import logging
+
+    from testbed.cli import _ConsoleLog
+    from testbed.metrics import console
+
+    log = logging.getLogger("nodes.protocol")
+    handler = _ConsoleLog(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        with console.capture() as cap:
+            log.warning("endpoint %r dropped message from %r", "controller", "x")
+    finally:
+        log.removeHandler(handler)
+    assert cap.get() == "warning: endpoint 'controller' dropped message from 'x'\n"
