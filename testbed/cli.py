@@ -49,6 +49,8 @@ def load_topology(path: str, name: str | None = None,
     if not os.path.isfile(path):
         raise ConfigError(f"topology: no such file {path!r}")
     spec = importlib.util.spec_from_file_location(f"sledge_topo_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"topology {path}: not a Python script (expected a .py file)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

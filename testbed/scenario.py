@@ -880,9 +880,10 @@ def cmd_scenario(a: Any) -> int:
     try:
         sc = Scenario.load(a.scenario)
         sc.check(topo, REACTIONS, a.rounds)
-    except ScenarioError as e:
-        print(f"sledge scenario: {e}")
-        return 2
+    except ScenarioError as e:  # bad input: one line on stderr, exit 2 (testbed.cli.main)
+        from testbed.config import ConfigError
+
+        raise ConfigError(f"scenario: {e}") from e
 
     def show(rec: dict[str, Any]) -> None:
         line = _state_line(rec) if rec["kind"] == "link_state" else record_line(rec)

@@ -30,6 +30,7 @@ SCRIPTS = {
     "raises.py": "import os\nraise RuntimeError('broken on import')\n",
     "build.py": ("from testbed.topolib import Topo\n\nclass T(Topo):\n    def build(self):\n"
                  "        raise ValueError('broken build')\n\nTOPOS = {'t': T}\n"),
+    "events.yaml": "events:\n  - {at: 1, type: nope}\n",
 }
 
 
@@ -129,6 +130,10 @@ CASES = [
                                  "TMP/nothing"], 2, "data_batch_1.bin"),
     ("ham10000-wrong-data-root", ["run", TINY, *FAST, "--dataset", "ham10000", "--data-root",
                                   "TMP"], 2, "HAM10000_metadata.csv"),
+    ("topology-not-python", ["run", "TMP/events.yaml", *FAST], 2, "events.yaml"),
+    ("scenario-bad-event", ["scenario", "TMP/events.yaml", TINY], 2, "events[0]"),
+    ("run-scenario-bad-event", ["run", TINY, *FAST, "--scenario", "TMP/events.yaml"], 2,
+     "events[0]"),
     ("unknown-dataset", ["run", TINY, *FAST, "--dataset", "foo"], 2, "'dataset'"),
     ("out-is-a-file", ["run", TINY, *FAST, "--out", "TMP/syntax.py"], 2, "'out_dir'"),
     ("unknown-cut", ["run", TINY, *FAST, "--cut", "nosuchlayer"], 2, "'cuts'"),
