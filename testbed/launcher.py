@@ -193,8 +193,9 @@ class ZygoteLauncher(Launcher):
             return ""
 
     def start(self, host: Any, config_path: str, log_path: str) -> NodeProcess:
-        r = self.client.call(cmd="spawn", config=config_path, netns_pid=host.pid, log=log_path,
-                             cgroups=host_cgroups(host))
+        # A loopback host has no namespace (no pid): the child stays in the zygote's.
+        r = self.client.call(cmd="spawn", config=config_path, netns_pid=getattr(host, "pid", None),
+                             log=log_path, cgroups=host_cgroups(host))
         return ForkedNode(host.name, int(r["pid"]), log_path, self)
 
     def status(self, pid: int) -> int | None:

@@ -84,7 +84,8 @@ def _child(req: dict[str, Any]) -> int:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    setns_net(int(req["netns_pid"]))
+    if req["netns_pid"] is not None:  # None: a loopback host, the zygote's own namespace
+        setns_net(int(req["netns_pid"]))
     for path in req.get("cgroups", []):
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
