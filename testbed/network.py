@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,19 +131,57 @@ class LimitedHost(CPULimitedHost):
         return int(fields.get("oom_kill", 0))
 
     def cleanup(self) -> None:
+        # Mininet's `cgdelete -r cpu,cpuacct,cpuset:/name` assumes those controllers share
+        # one hierarchy; where they are mounted separately it removes only the first and leaves
+        # cpuacct/<name> and cpuset/<name> behind. So remove every directory we own ourselves,
+        # in every hierarchy that has one, after Mininet has tried.
         super().cleanup()
-        if self.memcg:
-            # The shell was just sent SIGHUP; rmdir succeeds once it has exited (EBUSY before).
-            deadline = time.monotonic() + 5
-            while os.path.isdir(self.memcg):
-                try:
-                    os.rmdir(self.memcg)
-                except OSError as e:
-                    if time.monotonic() > deadline:  # no raise: net.stop() must go on
-                        error(f"*** {self.name}: cannot remove {self.memcg}: {e}\n")
-                        return
-                    time.sleep(0.05)
-            self.memcg = None
+        owned = [os.path.join(CGROUP_ROOT, c, self.name) for c in CPU_HIERARCHIES]
+        for path in [*owned, *([self.memcg] if self.memcg else [])]:
+            remove_cgroup(path, self.name)
+        self.memcg = None
+
+
+# Where Mininet's CPULimitedHost creates `<name>` (cgcreate -g cpu,cpuacct,cpuset:/name): one
+# directory per hierarchy, whether the controllers are co-mounted (cpu,cpuacct) or separate.
+CPU_HIERARCHIES = ("cpu", "cpuacct", "cpu,cpuacct", "cpuset")
+
+
+def remove_cgroup(path: str, owner: str, timeout_s: float = 5.0) -> bool:
+    """Remove the cgroup directory `path` of host `owner` (children first). A process still in
+    it is one of the host's (its shell was just sent SIGHUP, or a node that outlived it): it gets
+    SIGKILL, since an occupied cgroup cannot be removed. Never raises: net.stop() must go on."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return True
+    for child in sorted((e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)),
+                        reverse=True):
+        remove_cgroup(child, owner, timeout_s)
+    kill_at, deadline = time.monotonic() + 1.0, time.monotonic() + timeout_s
+    killed = False
+    while os.path.isdir(path):
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                error(f"*** {owner}: cannot remove {path}: {e}\n")
+                return False
+            if not killed and time.monotonic() > kill_at:
+                for pid in cgroup_pids(path):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.05)
+    return True
+
+
+def cgroup_pids(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def own_cgroup(controller: str) -> str:

@@ -1,36 +1,54 @@
-"""Shared fixtures: root checks for network tests, and a leak check around each of them."""
+"""Shared fixtures: root checks for network tests, and a leak check around them.
+
+Every test marked `net`, and every test that asks for `no_leaks`, fails if it leaves anything
+of the kinds tests/leakcheck.py knows (interfaces, namespaces, cgroups in every hierarchy,
+processes, /tmp/sledge-* paths); the whole session is checked the same way once at its end,
+which also covers module-scoped fixtures.
+"""
 
 from __future__ import annotations
 
-import glob
 import os
-import subprocess
+import time
 
-import psutil
 import pytest
 
+from tests.leakcheck import describe, leaked, system_state
 
-def system_state() -> dict[str, set[str]]:
-    """What a run may leave behind: interfaces, named netns, our child processes, ipc dirs."""
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    children = psutil.Process().children(recursive=True)
-    return {
-        "interfaces": {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()},
-        "netns": {line.split()[0] for line in netns.splitlines() if line.strip()},
-        "processes": {f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in children if p.is_running()},
-        "ipc_dirs": set(glob.glob("/tmp/sledge-*")),
-    }
+__all__ = ["system_state"]
+SETTLE_S = 3.0  # a process sent SIGTERM in teardown may take a moment to be reaped
+
+
+def _check(before: dict[str, set[str]]) -> None:
+    deadline = time.monotonic() + SETTLE_S
+    while (leaks := leaked(before)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not leaks, f"left behind: {describe(leaks)}"
 
 
 @pytest.fixture
 def no_leaks():
-    """Fails the test if it leaves an interface, netns, child process or ipc dir behind."""
+    """Fails the test if it leaves an interface, netns, cgroup, process or ipc dir behind."""
     before = system_state()
     yield
-    after = system_state()
-    leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
-    assert not leaked, f"left behind: {leaked}"
+    _check(before)
+
+
+@pytest.fixture(autouse=True)
+def _net_tests_leave_nothing(request):
+    if request.node.get_closest_marker("net") is None or "no_leaks" in request.fixturenames:
+        yield
+        return
+    before = system_state()
+    yield
+    _check(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_leaves_nothing():
+    before = system_state()
+    yield
+    _check(before)
 
 
 def pytest_collection_modifyitems(config, items):

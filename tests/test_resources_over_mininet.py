@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
     after = system_state()
     # ipc dirs left out: other sessions' loopback runs make them meanwhile, lock or not.
     leaked = {k: sorted(after[k] - before[k]) for k in after
-              if after[k] - before[k] and k != "ipc_dirs"}
+              if after[k] - before[k] and k != "tmp_paths"}
     return best.cut, worst, out, leaked
 
 
