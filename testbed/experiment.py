@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from testbed.loopback import LoopbackNetwork, counter_delta
 from testbed.membership import participants
 from testbed.metrics import RunDir, console, print_summary, round_line, summarize
 from testbed.migration import note
+from testbed.owned import owned_tmpdir
 from testbed.plan import PlanError, RunPlan, host_roles, per_host, plan_run
 from testbed.preflight import free_port_block, make_run_dir, preflight
 from testbed.recovery import Recovery
@@ -271,7 +271,7 @@ class Experiment:
             for line in self.caps.describe():
                 console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
         try:
-            self._ctl_dir = tempfile.mkdtemp(prefix="sledge-")
+            self._ctl_dir = owned_tmpdir("ctl")
             if self.loopback:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1 "
                               f"(ports from {cfg.port})")

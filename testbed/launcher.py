@@ -19,9 +19,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
+
+from testbed.owned import owned_tmpdir
 
 CGROUP_JOIN_FAILED = 125  # exit code of a node that could not join its host's cgroups
 
@@ -158,7 +159,7 @@ class ZygoteLauncher(Launcher):
     name = "zygote"
 
     def __init__(self, start_timeout_s: float = 120.0) -> None:
-        self.dir = tempfile.mkdtemp(prefix="sledge-zygote-")
+        self.dir = owned_tmpdir("zygote")
         self.path = os.path.join(self.dir, "zygote.sock")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.log_path = os.path.join(self.dir, "zygote.log")

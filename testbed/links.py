@@ -16,13 +16,13 @@ import csv
 import functools
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import replace
 from typing import Any
 
 from testbed.linkmodel import Direction, LinkParams
+from testbed.owned import owned_tmpdir
 from testbed.relay import RelayControl, relay_command
 from testbed.topolib import Topo
 
@@ -251,7 +251,7 @@ class RelayBackend(LinkBackend):
         return out
 
     def start(self, net: Any) -> None:
-        self.dir = tempfile.mkdtemp(prefix="sledge-links-")
+        self.dir = owned_tmpdir("links")
         for key, x in self.relays.items():
             host = net.get(x)
             a, b = (f"{x}-eth0", f"{x}-eth1")
