@@ -31,11 +31,6 @@ from nodes.data import ArrayDataset
 from nodes.protocol import Endpoint, Message
 
 
-class UnexpectedMessage(RuntimeError):
-    pass
-
-
-
 def save_state(state: dict[str, Any], path: str) -> None:
     """torch.save through memory and one plain write: on a full disk torch's zip writer
     fails with 'unexpected pos ...', a plain write with OSError 'No space left on device'
@@ -108,6 +103,7 @@ class NodeContext:
     step_timeout_s: float = 300.0
     ckpt_path: str | None = None
     compute_model: ComputeModel | None = None  # None: compute as fast as this CPU does
+    plane: Any = None  # protocol.Plane: makes endpoints with the run's keys and bounds
     epoch: int = 0                  # recovery epoch (set_epoch; docs/fault-tolerance.md)
     # Compression of cut traffic and low-precision client weights (nodes.compression).
     cut: Any = None                 # CutCodec: unpacks compressed ACT/GRAD in expect()
@@ -231,24 +227,26 @@ class NodeContext:
         leaves the other clients' messages queued). With a cut codec, compressed frames come
         back dense (decode=False: as sent, for a relay passing them on)."""
         pending = self._pending.setdefault(id(ep), deque())
-        i = next((i for i, (s, _) in enumerate(pending) if peer is None or s == peer), None)
-        got = None
-        if i is not None:  # by index: Messages hold tensors, which do not compare as bools
-            got = pending[i]
-            del pending[i]
-        while got is None:
-            sender, msg = ep.recv(self.step_timeout_s)
-            self.rx_tensors.update(f"{msg.type}:{t}" for t in msg.tensors)
-            if peer is not None and sender != peer:
-                pending.append((sender, msg))
-            else:
-                got = sender, msg
-        sender, msg = got
-        if msg.type != mtype or msg.round != rnd or (step is not None and msg.step != step):
-            raise UnexpectedMessage(
-                f"node {self.name}: expected {mtype} round {rnd}"
-                f"{'' if step is None else f' step {step}'}{' from ' + peer if peer else ''}, "
-                f"got {msg.type} round {msg.round} step {msg.step} from {sender}")
+        while True:
+            i = next((i for i, (s, _) in enumerate(pending) if peer is None or s == peer), None)
+            got = None
+            if i is not None:  # by index: Messages hold tensors, which do not compare as bools
+                got = pending[i]
+                del pending[i]
+            while got is None:
+                sender, msg = ep.recv(self.step_timeout_s)
+                self.rx_tensors.update(f"{msg.type}:{t}" for t in msg.tensors)
+                if peer is not None and sender != peer:
+                    pending.append((sender, msg))
+                else:
+                    got = sender, msg
+            sender, msg = got
+            if msg.type == mtype and msg.round == rnd and (step is None or msg.step == step):
+                break
+            # Not what this moment expects: dropped and counted, and the wait goes on (one
+            # stray or forged message must not fail a run; a missing one still times out).
+            ep.drop(sender, msg, f"expected {mtype} round {rnd}"
+                    f"{'' if step is None else f' step {step}'}{' from ' + peer if peer else ''}")
         if decode and self.cut is not None:  # the flow's client: the sender, or our identity
             self.cut.unpack(sender if ep is self.router else ep.name, msg)
         return sender, msg

@@ -25,16 +25,16 @@ from typing import Any
 import zmq
 
 from nodes.context import NodeContext
-from nodes.protocol import Endpoint
+from nodes.protocol import Plane
 
 
 class Heartbeat(threading.Thread):
     """Beats to the controller every `interval_s` and receives ABORTs, on its own socket."""
 
-    def __init__(self, zctx: zmq.Context, name: str, run: str, control: str,
+    def __init__(self, plane: Plane, name: str, control: str,
                  interval_s: float, epoch: int = 0) -> None:
         super().__init__(name=f"heartbeat-{name}", daemon=True)
-        self.zctx, self.node, self.run_id, self.control = zctx, name, run, control
+        self.plane, self.node, self.control = plane, name, control
         self.interval_s = interval_s
         self.abort_epoch = epoch  # the highest epoch the controller asked to abort towards
         self.beats = 0
@@ -42,10 +42,9 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         # Short send timeout and no linger: a beat that cannot leave is simply skipped.
-        ep = Endpoint(self.zctx, "dealer", f"{self.node}#hb", run=self.run_id,
-                      send_timeout_s=self.interval_s, linger_s=0.0)
+        ep = self.plane.dealer(f"{self.node}#hb", self.control, "controller",
+                               send_timeout_s=self.interval_s, linger_s=0.0)
         try:
-            ep.connect(self.control)
             next_beat = time.monotonic()
             while not self._stop_evt.is_set():
                 now = time.monotonic()
@@ -76,7 +75,7 @@ def start_heartbeat(ctx: NodeContext, zctx: zmq.Context, config: dict[str, Any]
     interval = config.get("heartbeat_s")
     if not interval:
         return None
-    hb = Heartbeat(zctx, ctx.name, ctx.run, config["control"], float(interval), ctx.epoch)
+    hb = Heartbeat(ctx.plane, ctx.name, config["control"], float(interval), ctx.epoch)
     hb.start()
     ctx.set_interrupt(lambda: hb.abort_epoch > ctx.epoch)
     return hb
@@ -95,6 +94,8 @@ def rejoin(ctx: NodeContext, scheme: Any, zctx: zmq.Context, meta: dict) -> dict
     from nodes.runtime import open_data_plane  # the runtime imports this module
 
     t0 = time.perf_counter()
+    if ctx.router is not None:
+        ctx.router.expect_from(*meta.get("accept", []))
     open_data_plane(ctx, list(meta.get("accept", [])), float(meta.get("timeout_s", 180.0)),
                     hello=list(meta.get("hello", [])))
     return {"rejoin_s": time.perf_counter() - t0}

@@ -145,12 +145,12 @@ def migratable(ctx: NodeContext, scheme: Any) -> None:
 
 
 # -- the commands --------------------------------------------------------------------------------
-def _dealer(zctx: zmq.Context, ctx: NodeContext, like: Endpoint | None, addr: str) -> Endpoint:
-    """A DEALER to `addr` in this node's recovery epoch and abort policy (those of `like`)."""
-    ep = Endpoint(zctx, "dealer", ctx.name, run=ctx.run)
+def _dealer(ctx: NodeContext, like: Endpoint | None, addr: str, server: str) -> Endpoint:
+    """A DEALER to node `server` at `addr` in this node's recovery epoch and abort policy
+    (those of `like`)."""
+    ep = ctx.plane.dealer(ctx.name, addr, server)
     ep.epoch = ctx.epoch
     ep.interrupt = like.interrupt if like is not None else None
-    ep.connect(addr)
     return ep
 
 
@@ -161,7 +161,7 @@ def migrate_out(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
     digest = state_hash(tensors, smeta)
     timeout = float(meta.get("timeout_s", 120.0))
     t0 = time.perf_counter()
-    ep = _dealer(zctx, ctx, ctx.router, meta["addr"])
+    ep = _dealer(ctx, ctx.router, meta["addr"], meta["to"])
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -185,6 +185,7 @@ def migrate_out(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
 
 def migrate_in(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
                meta: dict[str, Any]) -> dict[str, Any]:
+    ctx.router.expect_from(meta["from"])
     sender, msg = ctx.expect(ctx.router, "STATE", int(meta.get("round", 0)),
                              peer=meta["from"], decode=False)  # no cut codec on state
     smeta = {k: v for k, v in msg.meta.items() if k != "hash"}
@@ -207,8 +208,10 @@ def repoint(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
     if old in ctx.peers:
         gone = ctx.peers.pop(old)
         gone.close()
-        ctx.peers[new] = dial[new] = _dealer(zctx, ctx, gone, addr)
+        ctx.peers[new] = dial[new] = _dealer(ctx, gone, addr, new)
     accept = list(meta.get("accept", [])) if ctx.name == new else []
+    if accept:
+        ctx.router.expect_from(*accept)
     if dial or accept:
         open_data_plane(ctx, accept, float(meta.get("timeout_s", 120.0)), hello=list(dial))
     return {"proto": ctx.proto_stats()}

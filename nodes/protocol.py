@@ -15,6 +15,13 @@ tensor, sent and received zero-copy. Everything from a peer is untrusted and bou
 validates every header field and frame length and raises ProtocolError; an Endpoint drops such
 messages, counts them and keeps serving. Processes that move messages above ~32 MiB should call
 ``reuse_receive_memory()`` once at startup (see docs/transport.md for the measurements).
+
+Who may talk is decided here too (docs/security.md): with a ``Security`` (the run's CURVE keys),
+a ROUTER serves CURVE and a ``Gatekeeper`` (the ZAP handler of the process's zmq.Context) admits
+only the run's public keys and at most ``max_connections`` live connections per ROUTER; every
+message then carries the key owner's name (ZAP User-Id) and a ROUTER drops a message whose claimed
+identity that owner may not use. Without one (``--insecure``) the transport is plain TCP, but the
+gatekeeper still bounds connections and the identity filter (``expected``) still applies.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import ctypes
 import logging
 import math
 import platform
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -34,6 +42,8 @@ import msgpack
 import numpy as np
 import torch
 import zmq
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +319,162 @@ def reuse_receive_memory(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
                 mallopt(_M_TRIM_THRESHOLD, min(2 * limit, 2**31 - 1)), mallopt(_M_ARENA_MAX, 1)])
 
 
+@dataclass(frozen=True)
+class Security:
+    """The CURVE keys of one process of a run (z85 text) and what it knows of the others.
+
+    ``public``/``secret``: its own pair; a ROUTER serves with it, a DEALER proves who it is with
+    it. ``keys``: name -> public key of every process of the run (the controller as
+    "controller"); a DEALER takes its server's key from here, a gatekeeper admits only these.
+    ``speaks_as``: node -> the other identities it may claim (a relay dials upstream as each
+    client it serves). A node always may use its own name and ``<name>#hb``.
+    """
+
+    public: str
+    secret: str
+    keys: dict[str, str]
+    speaks_as: dict[str, list[str]] = field(default_factory=dict)
+
+    def owner(self, public_z85: bytes) -> str | None:
+        for name, key in self.keys.items():
+            if key.encode() == public_z85:
+                return name
+        return None
+
+    def may_claim(self, owner: str, identity: str) -> bool:
+        return (identity in (owner, f"{owner}#hb")
+                or identity in self.speaks_as.get(owner, ()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"public": self.public, "secret": self.secret, "keys": dict(self.keys),
+                "speaks_as": {k: list(v) for k, v in self.speaks_as.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Security | None:
+        if not d:
+            return None
+        return cls(d["public"], d["secret"], dict(d["keys"]),
+                   {k: list(v) for k, v in d.get("speaks_as", {}).items()})
+
+    @classmethod
+    def for_run(cls, names: list[str]) -> dict[str, Security]:
+        """A fresh keypair for each name (the controller's included), each knowing all."""
+        pairs = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in names}
+        keys = {n: pub for n, (pub, _) in pairs.items()}
+        return {n: cls(pub, sec, keys) for n, (pub, sec) in pairs.items()}
+
+
+_ZAP_ADDR = "inproc://zeromq.zap.01"
+_MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+class Gatekeeper(threading.Thread):
+    """The ZAP handler of one zmq.Context: decides every handshake on its ROUTERs.
+
+    It admits a CURVE client whose public key belongs to the run (replying with the key owner's
+    name as User-Id) and, with no security, any NULL client; in both cases only while the ROUTER
+    has at most ``max_connections`` live connections, which it counts from the ROUTER's socket
+    monitor (accepted minus disconnected). Every refusal, and every handshake that failed before
+    reaching it (a plain peer against a CURVE server, garbage), is counted per ROUTER, by reason.
+    """
+
+    def __init__(self, zctx: zmq.Context, security: Security | None) -> None:
+        super().__init__(name="zap-gatekeeper", daemon=True)
+        self.security = security
+        self._rep = zctx.socket(zmq.REP)
+        self._rep.setsockopt(zmq.LINGER, 0)
+        self._rep.bind(_ZAP_ADDR)
+        self._lock = threading.Lock()
+        self._new: list[tuple[str, zmq.Socket, int]] = []  # handed over by ROUTERs
+        self._monitors: dict[zmq.Socket, str] = {}
+        self._limit: dict[str, int] = {}
+        self._live: dict[str, set[int]] = {}
+        self.rejected: dict[str, collections.Counter[str]] = {}
+        self._stop_evt = threading.Event()
+        self.start()
+
+    def watch(self, domain: str, sock: zmq.Socket, max_connections: int) -> None:
+        """Count `sock`'s connections (domain: its ZAP domain) and cap them."""
+        mon = sock.get_monitor_socket(_MONITOR_EVENTS)
+        with self._lock:
+            self.rejected.setdefault(domain, collections.Counter())
+            self._new.append((domain, mon, max_connections))
+
+    def counts(self, domain: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self.rejected.get(domain, {}))
+
+    def _refuse(self, domain: str, reason: str) -> None:
+        with self._lock:
+            self.rejected.setdefault(domain, collections.Counter())[reason] += 1
+
+    def _adopt(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+        for domain, mon, limit in new:
+            self._monitors[mon] = domain
+            self._limit[domain] = limit
+            self._live.setdefault(domain, set())
+
+    def _drain(self, mon: zmq.Socket) -> None:
+        domain = self._monitors[mon]
+        while True:
+            try:
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(frames)
+            kind, fd = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                self._live[domain].add(fd)
+            elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
+                self._live[domain].discard(fd)
+            else:  # a handshake that failed before asking us (its DISCONNECTED follows)
+                self._refuse(domain, "handshake_failed")
+
+    def _answer(self, frames: list[bytes]) -> None:
+        version, request_id, domain_b, _address, _identity, mechanism, *cred = frames
+        domain = domain_b.decode("utf-8", "replace")
+        for mon in list(self._monitors):  # the ACCEPTED of this very connection comes first
+            self._drain(mon)
+        user, reason = "", ""
+        if len(self._live.get(domain, ())) > self._limit.get(domain, 1 << 30):
+            reason = "too_many_connections"
+        elif self.security is not None:
+            if mechanism != b"CURVE" or len(cred) != 1:
+                reason = "auth_denied"
+            else:
+                user = self.security.owner(z85.encode(cred[0])) or ""
+                reason = "" if user else "auth_denied"
+        elif mechanism != b"NULL":
+            reason = "auth_denied"
+        if reason:
+            self._refuse(domain, reason)
+        ok = not reason
+        self._rep.send_multipart([version, request_id, b"200" if ok else b"400",
+                                  b"OK" if ok else reason.encode(), user.encode(), b""])
+
+    def run(self) -> None:
+        try:
+            while not self._stop_evt.is_set():
+                self._adopt()
+                items = [(self._rep, _POLLIN), *((m, _POLLIN) for m in self._monitors)]
+                for sock, _ in zmq.zmq_poll(items, 100):
+                    if sock is self._rep:
+                        self._answer(self._rep.recv_multipart())
+                    else:
+                        self._drain(sock)
+        finally:
+            for mon in self._monitors:
+                mon.close(0)
+            self._rep.close(0)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(2.0)
+
+
 class Endpoint:
     """One ZeroMQ socket with sledge framing: 'router' (binds, addressed by peer identity) or
     'dealer' (connects, identity = its name).
@@ -319,7 +485,12 @@ class Endpoint:
 
     def __init__(self, ctx: zmq.Context, kind: str, name: str, *, run: str = "",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, send_timeout_s: float = 30.0,
-                 hwm: int = 1000, linger_s: float = 5.0) -> None:
+                 hwm: int = 1000, linger_s: float = 5.0, security: Security | None = None,
+                 gatekeeper: Gatekeeper | None = None, max_connections: int = 1 << 16,
+                 expected: set[str] | None = None) -> None:
+        """security: CURVE as above (None: plain TCP). gatekeeper (ROUTER): the context's ZAP
+        handler, which then caps this ROUTER at `max_connections` live connections. expected
+        (ROUTER): the identities that may send here (None: any); others are dropped."""
         if kind not in ("router", "dealer"):
             raise ValueError(f"Endpoint kind must be 'router' or 'dealer', got {kind!r}")
         _check_str(name, "sender", allow_empty=False)
@@ -338,7 +509,17 @@ class Endpoint:
         self.header_bytes_sent = self.header_bytes_recv = 0
         self.by_type: dict[str, dict[str, int]] = {}
         self.rejected: collections.Counter[str] = collections.Counter()
+        self.security, self.gatekeeper = security, gatekeeper
+        self.max_connections = max_connections
+        self.expected = None if expected is None else set(expected)
         sock = ctx.socket(zmq.ROUTER if kind == "router" else zmq.DEALER)
+        if security is not None:
+            sock.curve_secretkey = security.secret.encode()
+            sock.curve_publickey = security.public.encode()
+            if kind == "router":
+                sock.curve_server = True
+        if kind == "router" and gatekeeper is not None:
+            sock.zap_domain = name.encode()  # NULL handshakes ask the gatekeeper too
         sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
@@ -358,9 +539,18 @@ class Endpoint:
         self._pollitems = [(sock, _POLLIN)]
 
     def bind(self, addr: str) -> None:
+        if self.gatekeeper is not None:  # count connections from the first one on
+            self.gatekeeper.watch(self.name, self._sock, self.max_connections)
         self._sock.bind(addr)
 
-    def connect(self, addr: str) -> None:
+    def connect(self, addr: str, server: str | None = None) -> None:
+        """Dial `addr`; with security, `server` names the process there (its public key)."""
+        if self.security is not None:
+            key = self.security.keys.get(server or "")
+            if key is None:
+                raise ValueError(f"endpoint {self.name!r}: no public key for server {server!r} "
+                                 f"at {addr} (keys of {sorted(self.security.keys)})")
+            self._sock.curve_serverkey = key.encode()
         self._sock.connect(addr)
         self._connected.append(addr)
 
@@ -450,6 +640,12 @@ class Endpoint:
         log.log(level, "endpoint %r dropped message from %r (%s): %s",
                 self.name, peer, reason, detail)
 
+    def drop(self, peer: str, msg: Message, detail: str) -> None:
+        """Drop a valid message its receiver did not expect at this moment (wrong type, round,
+        step or sender): counted as `unexpected_message`, never fatal."""
+        self._reject("unexpected_message", peer, f"{msg.type} round {msg.round} step "
+                     f"{msg.step}: {detail}")
+
     def _accept(self, frames: list[zmq.Frame]) -> tuple[str, Message] | None:
         peer = "?"
         try:
@@ -463,6 +659,16 @@ class Endpoint:
             return self._reject("undecodable", peer, repr(exc))
         if self.kind == "router" and identity != msg.sender.encode():
             return self._reject("sender_mismatch", peer, f"header sender {msg.sender!r}")
+        if self.kind == "router" and self.security is not None:
+            try:  # the ZAP User-Id: the name of the key the peer proved it holds
+                owner = frames[0].get("User-Id")
+            except (zmq.ZMQError, AttributeError):
+                owner = ""
+            if not self.security.may_claim(owner, peer):
+                return self._reject("identity_not_owned", peer, f"key of {owner!r}")
+        if self.expected is not None and self.kind == "router" and peer not in self.expected:
+            return self._reject("unexpected_sender", peer, f"{msg.type}; expected one of "
+                                f"{sorted(self.expected)}")
         if self.run and msg.run != self.run:
             return self._reject("wrong_run", peer, f"run {msg.run!r}, expected {self.run!r}")
         if msg.epoch < self.epoch:
@@ -504,8 +710,21 @@ class Endpoint:
             "msgs_recv": self.msgs_recv, "header_bytes_sent": self.header_bytes_sent,
             "header_bytes_recv": self.header_bytes_recv,
             "by_type": {k: dict(v) for k, v in self.by_type.items()},
-            "rejected": dict(self.rejected),
+            "rejected": self.rejections(),
         }
+
+    def rejections(self) -> dict[str, int]:
+        """Every message and connection this endpoint refused, by reason (the gatekeeper's
+        handshake refusals for a ROUTER included)."""
+        out = collections.Counter(self.rejected)
+        if self.gatekeeper is not None and self.kind == "router":
+            out.update(self.gatekeeper.counts(self.name))
+        return dict(out)
+
+    def expect_from(self, *identities: str) -> None:
+        """Let these identities send here too (a peer that joins later: migration, rejoin)."""
+        if self.expected is not None:
+            self.expected.update(identities)
 
     def close(self) -> None:
         self._sock.close()  # uses the socket's LINGER, so queued sends still go out
@@ -515,3 +734,51 @@ class Endpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class Plane:
+    """Makes every Endpoint of one process alike: the run, its security, its bounds.
+
+    One per process and zmq.Context (a node, the controller); the gatekeeper starts with the
+    first ROUTER. ``close()`` after every endpoint is closed, before the context is terminated.
+    """
+
+    zctx: zmq.Context
+    run: str = ""
+    security: Security | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_connections: int = 1 << 16
+    gatekeeper: Gatekeeper | None = None
+
+    def router(self, name: str, addr: str, expected: set[str] | None = None,
+               **kw: Any) -> Endpoint:
+        if self.gatekeeper is None:
+            self.gatekeeper = Gatekeeper(self.zctx, self.security)
+        ep = Endpoint(self.zctx, "router", name, run=self.run, security=self.security,
+                      gatekeeper=self.gatekeeper, max_connections=self.max_connections,
+                      max_message_bytes=self.max_message_bytes, expected=expected, **kw)
+        ep.bind(addr)
+        return ep
+
+    def dealer(self, identity: str, addr: str, server: str, **kw: Any) -> Endpoint:
+        ep = Endpoint(self.zctx, "dealer", identity, run=self.run, security=self.security,
+                      max_message_bytes=self.max_message_bytes, **kw)
+        ep.connect(addr, server)
+        return ep
+
+    @classmethod
+    def from_config(cls, zctx: zmq.Context, config: dict[str, Any]) -> Plane:
+        """A node's plane from its config: `run`, `security` (absent: insecure) and the
+        receive budget `max_message_bytes`, `max_connections`."""
+        plane = cls(zctx, config["run"], Security.from_dict(config.get("security")))
+        if config.get("max_message_bytes"):
+            plane.max_message_bytes = int(config["max_message_bytes"])
+        if config.get("max_connections"):
+            plane.max_connections = int(config["max_connections"])
+        return plane
+
+    def close(self) -> None:
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+            self.gatekeeper = None

@@ -30,7 +30,7 @@ from nodes.fault import COMMANDS as RECOVERY
 from nodes.fault import start_heartbeat
 from nodes.migrate import COMMANDS as MIGRATION
 from nodes.models import build_model, split_model, unit_stats
-from nodes.protocol import Endpoint, Interrupted
+from nodes.protocol import Interrupted, Plane
 from nodes.schemes import get_scheme
 from nodes.selection import take_part
 
@@ -51,7 +51,15 @@ def check_config(config: dict[str, Any]) -> None:
         raise ValueError(f"node config: missing field(s) {missing}")
 
 
-def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
+def server_at(config: dict[str, Any], addr: str) -> str:
+    """The node listening at `addr` (its public key is the one to expect there)."""
+    for name, where in config.get("listeners", {}).items():
+        if where == addr:
+            return name
+    raise ValueError(f"node config: no listener at {addr} in 'listeners'")
+
+
+def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
     name, run = config["name"], config["run"]
     model = build_model(**config["model"], seed=config.get("seed", 0))
     segments = split_model(model, config["cuts"])
@@ -65,20 +73,14 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
         full = load_dataset(d["name"], "train", root=d.get("root"), limit=d.get("limit"),
                             seed=config.get("seed", 0))
         data = full.subset(torch.as_tensor(d["indices"], dtype=torch.long))
-    max_msg = config.get("max_message_bytes")
-    kw = {"run": run, **({"max_message_bytes": max_msg} if max_msg else {})}
     router = None
-    if config.get("listen"):
-        router = Endpoint(zctx, "router", name, **kw)
-        router.bind(config["listen"])
-    peers = {}
-    for peer, addr in config.get("peers", {}).items():
-        peers[peer] = Endpoint(zctx, "dealer", name, **kw)
-        peers[peer].connect(addr)
-    proxies = {}  # a relay speaks upstream as each client it serves (nodes.schemes.common)
-    for client, addr in config.get("proxies", {}).items():
-        proxies[client] = Endpoint(zctx, "dealer", client, **kw)
-        proxies[client].connect(addr)
+    if config.get("listen"):  # only the identities that dial us may send here
+        router = plane.router(name, config["listen"], expected=set(config.get("accept", [])))
+    peers = {peer: plane.dealer(name, addr, peer)
+             for peer, addr in config.get("peers", {}).items()}
+    # A relay speaks upstream as each client it serves (nodes.schemes.common).
+    proxies = {client: plane.dealer(client, addr, server_at(config, addr))
+               for client, addr in config.get("proxies", {}).items()}
     compute = config.get("compute") or {}
     ctx = NodeContext(
         name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
@@ -91,7 +93,7 @@ def build_context(config: dict[str, Any], zctx: zmq.Context) -> NodeContext:
         step_timeout_s=config.get("step_timeout_s", 300.0), ckpt_path=config.get("checkpoint"),
         compute_model=ComputeModel(float(compute["cycles_per_s"]),
                                    float(compute.get("flops_per_cycle", 1.0)))
-        if compute.get("cycles_per_s") else None)
+        if compute.get("cycles_per_s") else None, plane=plane)
     m = config["model"]
     macs = {u.name: u.macs for u in unit_stats(
         model, (m.get("in_channels", 1), m.get("image_size", 28), m.get("image_size", 28)))}
@@ -142,12 +144,12 @@ def run_node(config: dict[str, Any]) -> int:
     torch.set_num_threads(int(config.get("threads", 1)))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config['name']} %(message)s")
     zctx = zmq.Context()
-    control = Endpoint(zctx, "dealer", config["name"], run=config["run"])
+    plane = Plane.from_config(zctx, config)
+    control = plane.dealer(config["name"], config["control"], "controller")
     ctx = hb = None
     try:
-        control.connect(config["control"])
         scheme = get_scheme(config["scheme"], **config.get("scheme_options", {}))
-        ctx = build_context(config, zctx)
+        ctx = build_context(config, plane)
         round_fn = scheme.round_of(ctx.role, relay=bool(config.get("relay")))
         # The run's recovery epoch (testbed.recovery): stamped on everything this node sends,
         # control included, so the controller drops reports of an aborted attempt.
@@ -212,4 +214,5 @@ def run_node(config: dict[str, Any]) -> int:
         for ep in (ctx.data_endpoints() if ctx else []):
             ep.close()
         control.close()
+        plane.close()
         zctx.term()

@@ -137,6 +137,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-s", type=float, default=d.heartbeat_s,
                    help="node heartbeat period; dead after --heartbeat-misses silent beats")
     p.add_argument("--heartbeat-misses", type=int, default=d.heartbeat_misses)
+    p.add_argument("--insecure", action="store_true",
+                   help="no CURVE keys on the sockets: any local process may connect "
+                        "(docs/security.md)")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="largest frame a node accepts (0: derived from the run)")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="live connections per listening socket (0: derived from the run)")
     p.add_argument("--max-restarts", type=int, default=d.max_restarts,
                    help="node restarts a run may use (0: a dead node fails the run); "
                         "docs/fault-tolerance.md")

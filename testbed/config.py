@@ -72,6 +72,13 @@ class RunConfig:
     heartbeat_s: float = 0.5
     heartbeat_misses: int = 10
     max_restarts: int = 3
+    # Security and bounds (docs/security.md): every socket uses CURVE with keys made for the run
+    # unless `insecure`; each node refuses frames above max_message_bytes and connections past
+    # max_connections per listening socket (0: derived from the run's largest expected message
+    # and its number of processes).
+    insecure: bool = False
+    max_message_bytes: int = 0
+    max_connections: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -154,8 +161,10 @@ class RunConfig:
             isinstance(v, dict) and set(v) <= {"bits", "prune"}
             for v in self.client_weights.values()), "client_weights",
              "expected a mapping host or role -> {bits: int, prune: fraction}")
-        need(isinstance(self.max_restarts, int) and not isinstance(self.max_restarts, bool)
-             and self.max_restarts >= 0, "max_restarts", "expected an integer >= 0")
+        for f in ("max_restarts", "max_message_bytes", "max_connections"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f,
+                 "expected an integer >= 0")
         for f in ("flops_per_cycle", "backward_flops_factor", "heartbeat_s"):
             need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
                  "expected a number > 0")

@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from nodes.compression import make_codec
 from nodes.data import load_dataset
-from nodes.protocol import Endpoint
+from nodes.protocol import Endpoint, Plane, Security
 from nodes.schemes import get_scheme
 from nodes.selection import Selector
 from testbed.capabilities import probe
@@ -115,6 +116,9 @@ class Experiment:
         self.run_dir: RunDir | None = None
         self._zctx: zmq.Context | None = None
         self._control: Endpoint | None = None
+        self._plane: Plane | None = None
+        # name -> its CURVE keys for this run (testbed hosts and "controller"); empty: insecure
+        self.security: dict[str, Security] = {}
         self._ctl_dir: str | None = None
         self.launcher: Launcher | None = None
         self._startup_proto: dict[str, dict] = {}
@@ -171,6 +175,27 @@ class Experiment:
         self.parts, self.model_kwargs, self.iters = plan.parts, plan.model_kwargs, plan.iters
         self.data_links, self.shard_info = plan.data_links, plan.shard_info
         return plan
+
+    def _secure(self) -> None:
+        """A keypair for every host of the topology and for the controller, each node's own
+        in its config with everyone's public keys (a spare host a migration starts later has
+        its keys already). Node config files are written readable by root only."""
+        if self.cfg.insecure:
+            return
+        speaks = {n: sorted(c["proxies"]) for n, c in self.node_configs.items()
+                  if c.get("proxies")}
+        self.security = {n: replace(sec, speaks_as=speaks) for n, sec in
+                         Security.for_run([*self.topo.hosts(), "controller"]).items()}
+        for n, nc in self.node_configs.items():
+            nc["security"] = self.security[n].to_dict()
+
+    def rejections(self, bye: dict[str, Any] | None = None) -> dict[str, dict[str, int]]:
+        """Everything refused from start to stop, by process and reason: each node's count as
+        its BYE says (start-up and shutdown included), and the controller's control socket."""
+        out = {n: dict(m.get("proto", {}).get("rejected", {})) for n, m in (bye or {}).items()}
+        if self._control is not None:
+            out["controller"] = self._control.rejections()
+        return {n: r for n, r in out.items() if r}
 
     def _resolved_config(self) -> dict:
         net = self.network
@@ -288,6 +313,7 @@ class Experiment:
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
             self.node_configs = self._plan().configs
+            self._secure()
             for nc in self.node_configs.values():
                 nc["heartbeat_s"] = cfg.heartbeat_s
             if not self.loopback:
@@ -302,8 +328,13 @@ class Experiment:
                                   codec=make_codec(cfg.compression, cfg.seed)) \
                 if cfg.evaluate else None
             self._zctx = zmq.Context()
-            self._control = Endpoint(self._zctx, "router", "controller", run=self.run_id)
-            self._control.bind(self.node_configs[next(iter(self.node_configs))]["control"])
+            hosts = self.topo.hosts()
+            self._plane = Plane(self._zctx, self.run_id, self.security.get("controller"),
+                                max_connections=2 * len(hosts) + 8)
+            # Only the run's nodes (and their heartbeat sockets) may speak to the controller.
+            self._control = self._plane.router(
+                "controller", self.node_configs[next(iter(self.node_configs))]["control"],
+                expected={*hosts, *(f"{h}#hb" for h in hosts)})
             if self.on_start:
                 self.on_start(self)
             self.launcher = make_launcher(cfg.launcher)
@@ -332,10 +363,11 @@ class Experiment:
                 self._scenario_step("after_round", rnd)
             self._scenario_finish()
             self._broadcast(0, cmd="stop")
-            self._collect("BYE", 0, 60, "shutdown")
+            bye = self._collect("BYE", 0, 60, "shutdown")
             for p in self.procs.values():
                 p.wait(30)
             summary = summarize(self.rounds, planned=cfg.rounds)
+            summary["rejected"] = self.rejections(bye)
             summary["recovery"] = self.recovery.summary([r["round"] for r in self.rounds],
                                                         cfg.rounds)
             summary["status"] = "ok"
@@ -374,7 +406,7 @@ class Experiment:
         if self.rounds:
             with suppress(Exception):
                 summary = summarize(self.rounds, planned=self.cfg.rounds)
-        summary.update(status=status, reason=reason)
+        summary.update(status=status, reason=reason, rejected=self.rejections())
         with suppress(OSError):  # a full disk must not hide the error that ended the run
             self.run_dir.write_json("summary.json", summary)
 
@@ -564,6 +596,8 @@ class Experiment:
                 self.launcher.close()
         if self._control:
             self._control.close()
+        if self._plane:
+            self._plane.close()
         if self._zctx:
             self._zctx.term()
         if self.network:

@@ -43,13 +43,17 @@ class RunDir:
     def file(self, *parts: str) -> str:
         return str(self.path.joinpath(*parts))
 
-    def write_json(self, name: str, obj: Any) -> None:
+    def write_json(self, name: str, obj: Any, *, private: bool = False) -> None:
+        """Write atomically; `private`: readable by the owner only (files holding keys)."""
         target = self.path / name
         tmp = target.with_name(f".{target.name}.tmp")
         with _naming(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                tmp.write_text(json.dumps(obj, indent=2, default=str))
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                             0o600 if private else 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(obj, indent=2, default=str))
             except OSError:
                 tmp.unlink(missing_ok=True)  # no half-written file left on a full disk
                 raise
@@ -63,7 +67,7 @@ class RunDir:
         if out.get("checkpoint"):
             out["checkpoint"] = os.path.relpath(out["checkpoint"], self.path)
         out["run_dir"] = os.path.relpath(self.path, (self.path / rel).parent)
-        self.write_json(rel, out)
+        self.write_json(rel, out, private=True)  # it holds the node's secret key
 
     def append(self, name: str, record: dict) -> None:
         with _naming(self.path / name), open(self.path / name, "a") as f:

@@ -170,6 +170,8 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
     # In the run's recovery epoch: after a rollback, older epochs' messages are dropped.
     nc.update(name=new, listen=addr, accept=[], roles=rename, epoch=exp.recovery.epoch,
               checkpoint=exp.run_dir.file("ckpt", f"{new}.pt"))
+    if exp.security:  # its own keys (made for every host at the start of the run)
+        nc["security"] = exp.security[new].to_dict()
     path = os.path.join("nodes", f"{new}.json")
     exp.run_dir.write_node_config(path, nc)
     # Watched for heartbeats from its own first one: a node of that name that left (the
@@ -184,7 +186,7 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
     hops = path_interfaces(exp, old, new)
     before = exp.network.counters()
     _send(exp, new, rnd, cmd="migrate_in", **{"from": old})
-    _send(exp, old, rnd, cmd="migrate_out", addr=addr)
+    _send(exp, old, rnd, cmd="migrate_out", addr=addr, to=new)
     acks = exp._collect("REPORT", rnd, cfg.round_timeout_s, f"migration {old} -> {new}",
                         nodes=[old, new])
     t_moved = time.perf_counter()

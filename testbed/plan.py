@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from nodes.data import dataset_info, load_dataset, partition
+from nodes.models import build_model, unit_stats
+from nodes.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from nodes.schemes.base import Scheme
 from testbed.chains import place_chain, relays_of
 from testbed.config import RunConfig
@@ -69,6 +71,18 @@ class RunPlan:
     configs: dict[str, dict] = field(default_factory=dict)  # node -> its config
     data_links: list[tuple[str, str]] = field(default_factory=list)  # hops that carry data
     shard_info: dict[str, dict] = field(default_factory=dict)
+
+
+def message_budget(model_kwargs: dict[str, Any], batch: int, clients: int) -> int:
+    """A bound on the largest message a run of this model sends, with room to spare: a whole
+    model's state three times over (weights, momentum, a migration's extras) plus every client's
+    largest activation batch, times 4, plus 16 MiB; never above the protocol's default."""
+    model = build_model(**model_kwargs, seed=0)
+    size = model_kwargs.get("image_size", 28)
+    stats = unit_stats(model, (model_kwargs.get("in_channels", 1), size, size))
+    params = 4 * sum(u.params for u in stats)
+    act = 4 * batch * max(u.out_elems for u in stats)
+    return min(DEFAULT_MAX_MESSAGE_BYTES, 4 * (3 * params + clients * act) + (16 << 20))
 
 
 def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str | None],
@@ -158,6 +172,12 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
         for b in (*relays, router):
             configs[b]["listen"] = addr[b]
             configs[b]["accept"].append(dealer)
+    # Every node knows where each listener is (whose public key to expect there) and the
+    # receive budget: frames above the largest message the run can send are refused unread.
+    budget = cfg.max_message_bytes or message_budget(model_kwargs, cfg.batch_size, len(clients))
+    conns = cfg.max_connections or 2 * len(topo.hosts()) + 8
+    for nc in configs.values():
+        nc.update(listeners=dict(addr), max_message_bytes=budget, max_connections=conns)
     plan.shard_info = {c: {"samples": len(s),
                            "labels": torch.bincount(train.y[torch.as_tensor(s)],
                                                     minlength=info["num_classes"]).tolist()}

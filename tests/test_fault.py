@@ -19,7 +19,7 @@ from nodes.context import NodeContext
 from nodes.data import ArrayDataset
 from nodes.fault import Heartbeat
 from nodes.models import build_model, split_model
-from nodes.protocol import Endpoint, Interrupted, Message, encode
+from nodes.protocol import Endpoint, Interrupted, Message, Plane, encode
 from testbed.recovery import Liveness, rejoin_plan, resume_state
 
 
@@ -160,7 +160,7 @@ def test_heartbeat_thread_beats_on_its_own_socket_and_takes_aborts(tmp_path):
     ctl = Endpoint(zctx, "router", "controller", run="r")
     addr = f"ipc://{tmp_path}/control"
     ctl.bind(addr)
-    hb = Heartbeat(zctx, "n", "r", addr, interval_s=0.05)
+    hb = Heartbeat(Plane(zctx, "r"), "n", addr, interval_s=0.05)
     hb.start()
     try:
         senders = [ctl.recv(5)[0] for _ in range(3)]

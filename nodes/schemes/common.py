@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nodes.context import NodeContext, UnexpectedMessage
+from nodes.context import NodeContext
 from nodes.protocol import Endpoint, Message
 from nodes.schemes.base import Roles, Scheme
 from nodes.schemes.weights import fedavg
@@ -355,8 +355,9 @@ def gather(ctx: NodeContext, rnd: int, step: int, clients: list[str] | None = No
     got: dict[str, Message] = {}
     while len(got) < len(clients):
         sender, msg = ctx.expect(ctx.router, "ACT", rnd, step)
-        if sender in got or sender not in clients:
-            raise UnexpectedMessage(f"node {ctx.name}: second or foreign ACT from {sender}")
+        if sender in got or sender not in clients:  # dropped and counted, never fatal
+            ctx.router.drop(sender, msg, "a second ACT of this step, or a client not served")
+            continue
         got[sender] = msg
     return [(c, got[c]) for c in clients]
 
@@ -365,12 +366,14 @@ def serve_fcfs(ctx: NodeContext, rnd: int, iters: int,
                handle: Callable[[str, Message], None]) -> None:
     """Every served client's `iters` ACTs in arrival order (each client's own in step order)."""
     nxt = dict.fromkeys(served(ctx), 0)
-    for _ in range(len(nxt) * iters):
+    done = 0
+    while done < len(nxt) * iters:
         sender, msg = ctx.expect(ctx.router, "ACT", rnd)
-        if nxt.get(sender) != msg.step:
-            raise UnexpectedMessage(f"node {ctx.name}: ACT step {msg.step} from {sender}, "
-                                    f"expected step {nxt.get(sender)}")
+        if nxt.get(sender) != msg.step or msg.step >= iters:  # dropped, counted, not fatal
+            ctx.router.drop(sender, msg, f"expected step {nxt.get(sender)} from {sender}")
+            continue
         nxt[sender] += 1
+        done += 1
         handle(sender, msg)
 
 
