@@ -270,7 +270,7 @@ class NodeContext:
                 by_type[f"{t}.rx"] += d.get("rx_bytes", 0)
                 by_type[f"{t}.tx_msgs"] += d.get("tx_msgs", 0)
                 by_type[f"{t}.rx_msgs"] += d.get("rx_msgs", 0)
-            rejected.update(ep.rejected)
+            rejected.update(ep.rejections())
         return {**tot, "by_type": dict(by_type), "rejected": dict(rejected)}
 
     def round_report(self) -> dict[str, Any]:
