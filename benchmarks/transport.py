@@ -7,8 +7,10 @@ commands over a pipe. Rank 0 measures, rank 1 answers:
 - latency: ping-pong, request and reply of equal size (activation forward, gradient back);
   reported as the median round trip and the effective throughput 2*size/RTT.
 - throughput: a one-way stream of back-to-back messages, closed by a one-byte ack.
-Methods: sledge's Endpoint as shipped (DEALER -> ROUTER), the same with the opt-in
-``reuse_receive_memory()``, and gloo. They alternate size by size and their order flips every
+Methods: sledge's Endpoint as shipped (DEALER -> ROUTER) with plain TCP (a run's --insecure),
+the same with CURVE and the ZAP gatekeeper as every run uses by default (``sledge+curve``; its
+cost is the ratio sledge+curve/sledge), the same with the opt-in ``reuse_receive_memory()``, and
+gloo. They alternate size by size and their order flips every
 repetition, so each ratio compares measurements taken seconds apart under the same background
 load. A ratio is method/gloo of throughput (latency: of 2*size/RTT), so >= 1.00 is parity; the
 tables give the median of the per-repetition ratios. CPU time per message (both processes, all
@@ -48,8 +50,20 @@ PLANS = {False: {"reps": 5, "latency_bytes": 256 * MIB, "stream_bytes": 384 * MI
 MAX_N = {"latency": 300, "throughput": 2000}
 REPLY_TIMEOUT_S = 120.0
 REFERENCE = "gloo"  # ratios are against this method, which runs last in the dict
+
+
+def _curve_keys() -> dict[str, dict[str, Any]]:
+    """A keypair each for the client and the server, each knowing both (protocol.Security)."""
+    import zmq
+    pairs = {n: [k.decode() for k in zmq.curve_keypair()] for n in ("client", "server")}
+    keys = {n: pub for n, (pub, _) in pairs.items()}
+    return {n: {"public": pub, "secret": sec, "keys": keys} for n, (pub, sec) in pairs.items()}
+
+
+CURVE = "sledge+curve"
 DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sledge": ("sledge", {}),
+    CURVE: ("sledge", {"curve": _curve_keys()}),
     **({"sledge+reuse": ("sledge", {"reuse": True})} if platform.libc_ver()[0] == "glibc" else {}),
     REFERENCE: ("gloo", {})}
 
@@ -72,7 +86,7 @@ class SledgePeer:
     """A DEALER (rank 0, the client) and a ROUTER (rank 1, the server), as nodes use them."""
 
     def __init__(self, rank: int, conn: Connection, path: str | None = None,
-                 reuse: bool = False) -> None:
+                 reuse: bool = False, curve: dict[str, Any] | None = None) -> None:
         import torch
         import zmq
         if path:  # a baseline protocol module loaded from a file, e.g. an older git revision
@@ -85,13 +99,19 @@ class SledgePeer:
             raise RuntimeError("reuse_receive_memory() is not supported here")
         self.torch, self.rank, self.ctx = torch, rank, zmq.Context()
         kind, name = ("dealer", "client") if rank == 0 else ("router", "server")
-        self.ep = proto.Endpoint(self.ctx, kind, name, send_timeout_s=REPLY_TIMEOUT_S)
+        kw: dict[str, Any] = {}
+        self.gatekeeper = None
+        if curve:  # as a run's nodes: CURVE keys, and the server's ZAP gatekeeper
+            kw["security"] = proto.Security.from_dict(curve[name])
+            if rank == 1:
+                self.gatekeeper = kw["gatekeeper"] = proto.Gatekeeper(self.ctx, kw["security"])
+        self.ep = proto.Endpoint(self.ctx, kind, name, send_timeout_s=REPLY_TIMEOUT_S, **kw)
         if rank == 1:
             self.ep.bind("tcp://127.0.0.1:*")
             conn.send(self.ep.last_endpoint)
             self.ep.recv(REPLY_TIMEOUT_S)  # HELLO: now the router can address the client
         else:
-            self.ep.connect(conn.recv())
+            self.ep.connect(conn.recv(), *(["server"] if curve else []))
             self.ep.send("HELLO")
 
     def _tensor(self, nbytes: int) -> Any:
@@ -131,6 +151,8 @@ class SledgePeer:
 
     def close(self) -> None:
         self.ep.close()
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
         self.ctx.term()
 
 
@@ -325,6 +347,10 @@ def measure(sizes: tuple[int, ...] = SIZES, *, quick: bool = False, reps: int | 
                     r = [a / b for a, b in zip(speeds[name], speeds[REFERENCE], strict=True)]
                     row["ratios"][name] = {"median": statistics.median(r), "min": min(r),
                                            "max": max(r)}
+            if CURVE in methods and "sledge" in methods:  # what authentication costs
+                r = [a / b for a, b in zip(speeds[CURVE], speeds["sledge"], strict=True)]
+                row["curve_vs_plain"] = {"median": statistics.median(r), "min": min(r),
+                                         "max": max(r)}
             rows.append(row)
     return {"benchmark": "transport", "unit_mbps": "1e6 bytes/s", "reference": REFERENCE,
             "config": {"address": "tcp://127.0.0.1", "torch_threads": 1, "reps": reps,
@@ -356,7 +382,8 @@ def table(result: dict[str, Any]) -> str:
     out = []
     for mode, title in (("latency", "ping-pong RTT / effective MB/s"),
                         ("throughput", "one-way stream MB/s")):
-        head = [f"{mode}: size"] + names + [f"{m}/{REFERENCE}" for m in others]
+        curve = [f"{CURVE}/sledge"] if CURVE in names and "sledge" in names else []
+        head = [f"{mode}: size"] + names + [f"{m}/{REFERENCE}" for m in others] + curve
         out += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for size in result["config"]["sizes"]:
             row = by[(size, mode)]
@@ -366,6 +393,7 @@ def table(result: dict[str, Any]) -> str:
                 cells.append(f"{_fmt_rtt(row[m]['rtt_us'])} / {mbps}" if mode == "latency"
                              else mbps)
             cells += [f"{row['ratios'][m]['median']:.2f}" for m in others]
+            cells += [f"{row['curve_vs_plain']['median']:.2f}"] if curve else []
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
