@@ -76,7 +76,9 @@ def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
     router = None
     if config.get("listen"):  # only the identities that dial us may send here
         router = plane.router(name, config["listen"], expected=set(config.get("accept", [])))
-    peers = {peer: plane.dealer(name, addr, peer)
+    # The key to expect is the listener's at that address: on a chain a client's peer (the
+    # server) is reached through its first relay's address.
+    peers = {peer: plane.dealer(name, addr, server_at(config, addr))
              for peer, addr in config.get("peers", {}).items()}
     # A relay speaks upstream as each client it serves (nodes.schemes.common).
     proxies = {client: plane.dealer(client, addr, server_at(config, addr))
