@@ -41,13 +41,20 @@ def _cgroup_dirs() -> set[str]:
     return out
 
 
+# Python's own helper, started once per interpreter by multiprocessing's spawn context and
+# ended with it: not something a run or a test leaves behind.
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
+
+
 def _processes() -> set[str]:
     me = psutil.Process()
     found: dict[int, str] = {}
     for p in me.children(recursive=True):
         try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                found[p.pid] = " ".join(p.cmdline()[:4])
+            cmd = p.cmdline()
+            if (p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                    and not any(RESOURCE_TRACKER in c for c in cmd)):
+                found[p.pid] = " ".join(cmd[:4])
         except psutil.Error:
             continue
     for p in psutil.process_iter(["pid", "cmdline"]):

@@ -48,4 +48,5 @@ def test_compare_runs_each_scheme_and_writes_table_csv_and_plots(tmp_path, no_le
         ("FL", "1"), ("FL", "2"), ("EPSL phi=1", "1"), ("EPSL phi=1", "2")]
     table = (out / "compare.md").read_text()
     assert "| FL | 2 |" in table and "| EPSL phi=1 | 2 |" in table and "c1 0.1 GHz" in table
-    assert len(list((out / "runs").iterdir())) == 3
+    # SFL-V2 failed before any node started: its run leaves no folder (nothing was written).
+    assert len(list((out / "runs").iterdir())) == 2

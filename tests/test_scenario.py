@@ -243,4 +243,4 @@ def test_sledge_scenario_prints_the_link_states_without_a_network(capsys):
     assert "t=5.50s m1-m2 down" in out and "t=15.00s m1-m2 up" in out
     assert out.rstrip().endswith("3 link states")
     assert main(args[:-2] + ["--rounds", "2"]) == 2  # link_up after round 3 of 2
-    assert "events[2] (link_up) field 'after_round'" in capsys.readouterr().out
+    assert "events[2] (link_up) field 'after_round'" in capsys.readouterr().err

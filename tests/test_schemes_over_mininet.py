@@ -147,9 +147,11 @@ def labels_sent_by(exp, client: str, batches: int) -> list[bytes]:
     return [y.numpy().astype("<i8").tobytes() for _, y in ctx.batches(batches)]
 
 
-def tapped_run(tmp_path, scheme: str, options: dict, rounds: int, iters: int):
+def tapped_run(tmp_path, scheme: str, options: dict, rounds: int, iters: int,
+               insecure: bool = True):
     """A U-shaped run with a capture of c1's link, from before any node starts until after
-    the last round."""
+    the last round. Plain TCP by default (--insecure): what is looked for on the wire is
+    plaintext, which CURVE would hide whether the scheme sent it or not."""
     cap, tap = tmp_path / "c1.frames", {}
 
     def start(exp):
@@ -167,7 +169,7 @@ def tapped_run(tmp_path, scheme: str, options: dict, rounds: int, iters: int):
 
     try:
         exp, recs = mn_run(tmp_path, scheme, on_start=start, on_round=stop, rounds=rounds,
-                           iters_per_round=iters, cuts=U_CUTS,
+                           iters_per_round=iters, cuts=U_CUTS, insecure=insecure,
                            scheme_options={"u_shaped": True, **options})
     finally:
         p = tap.get("proc")
@@ -205,10 +207,14 @@ def test_u_shaped_labels_never_cross_the_client_link(tmp_path, no_leaks, scheme,
         assert any(flow[0] == c1_ip and flow[2] == tap["ip"]["c2"] for flow in streams)
 
 
-def test_the_wire_check_finds_the_labels_a_debug_option_sends(tmp_path, no_leaks):
+@pytest.mark.parametrize("insecure", [True, False])
+def test_the_wire_check_finds_the_labels_a_debug_option_sends(tmp_path, no_leaks, insecure):
+    """In plain TCP the capture finds every label the debug option sends; with CURVE (every
+    run's default) the same labels cross encrypted and the capture finds none."""
     exp, rounds, tap, streams, labels = tapped_run(
-        tmp_path, "psl", {"debug_send_labels": True}, rounds=1, iters=10)
+        tmp_path, "psl", {"debug_send_labels": True}, rounds=1, iters=10, insecure=insecure)
     assert tap["stats"]["drops"] == 0
-    assert [wiretap.occurrences(streams, y) for y in labels] == [1] * len(labels)
-    assert wiretap.occurrences(streams, b"labels") == len(labels)
+    seen = 1 if insecure else 0
+    assert [wiretap.occurrences(streams, y) for y in labels] == [seen] * len(labels)
+    assert wiretap.occurrences(streams, b"labels") == seen * len(labels)
     assert "ACT:labels" in rounds[0]["nodes"]["srv"]["rx_tensors"]
