@@ -24,6 +24,7 @@ from typing import Any
 
 from testbed.config import ConfigError, RunConfig
 from testbed.topolib import Topo
+from testbed.versions import sledge_version
 
 
 def parse_value(text: str) -> Any:
@@ -285,6 +286,7 @@ def cmd_linkcheck(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sledge", description="split learning over an emulated edge")
+    p.add_argument("--version", action="version", version=f"sledge {sledge_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one experiment on a topology")
     _add_run_args(r)

@@ -48,6 +48,7 @@ from testbed.scenario import (
     record_line,
 )
 from testbed.topolib import Topo
+from testbed.versions import versions
 
 if TYPE_CHECKING:  # testbed.network imports Mininet: only a Mininet run loads it
     from testbed.network import Network
@@ -203,7 +204,7 @@ class Experiment:
             "run": self.run_id, "config": self.cfg.to_dict(), "topology": self.topology,
             "topology_args": self.topology_args, "loopback": self.loopback,
             "roles": self.roles,
-            "capabilities": self.caps.to_dict(),
+            "capabilities": self.caps.to_dict(), "versions": versions(),
             "network": net.kind, "hosts": net.describe_hosts(),
             "links": net.link_params(), "not_applied": net.not_applied,
             "placement": self.placement, "placement_plan": self.placement_plan,
@@ -291,6 +292,7 @@ class Experiment:
         self.run_dir = (RunDir.existing(self.resume["path"]) if self.resume
                         else self._new_run_dir())
         self.run_id = os.path.basename(self.run_dir.path)
+        self._t_start = time.perf_counter()
         old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
         if not self.loopback:  # how links are emulated: nothing of it applies on loopback
             for line in self.caps.describe():
@@ -351,6 +353,7 @@ class Experiment:
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
             with console.status("starting nodes"):
                 hello = self._collect("HELLO", 0, cfg.start_timeout_s, "start-up")
+            startup_s = time.perf_counter() - self._t_start
             # Round 1's traffic is counted from here: the data-plane HELLOs are start-up.
             self._startup_proto = {n: m.get("proto", {}) for n, m in hello.items()}
             for rec in self.rounds:  # recorded before a resume: counters restart from here
@@ -368,6 +371,9 @@ class Experiment:
                 p.wait(30)
             summary = summarize(self.rounds, planned=cfg.rounds)
             summary["rejected"] = self.rejections(bye)
+            # total_s sums the rounds; these are the run as a user waits for it.
+            summary["wall_s"] = time.perf_counter() - self._t_start
+            summary["startup_s"] = startup_s
             summary["recovery"] = self.recovery.summary([r["round"] for r in self.rounds],
                                                         cfg.rounds)
             summary["status"] = "ok"

@@ -1,0 +1,31 @@
+"""A run says what it was made with and how long it really took (testbed.versions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from testbed.versions import sledge_version
+from tests.test_schemes_loopback import ROOT, loop_run
+
+
+def test_version_flag_prints_the_installed_version():
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "--version"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"sledge {sledge_version()}"
+    assert sledge_version() != "unknown"
+
+
+def test_config_records_versions_and_summary_the_runs_wall_time(tmp_path):
+    exp, rounds = loop_run(tmp_path, "psl")
+    config = json.loads((exp.run_dir.path / "config.json").read_text())
+    summary = json.loads((exp.run_dir.path / "summary.json").read_text())
+    v = config["versions"]
+    assert v["torch"] == torch.__version__ and v["sledge"] == sledge_version()
+    assert v["git"] is None or len(v["git"].removesuffix("-dirty")) == 40
+    # The rounds are part of the run: the wall time covers them, start-up and evaluation.
+    assert summary["wall_s"] > summary["startup_s"] > 0
+    assert summary["wall_s"] > summary["startup_s"] + summary["total_s"]
