@@ -19,7 +19,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+# soft_wrap: a line longer than the terminal (or than rich's 80 columns when output goes to a
+# file or pipe) stays one line, so paths and round lines can be copied and grepped whole.
+console = Console(highlight=False, soft_wrap=True)
 
 
 class RunDir:

@@ -29,3 +29,20 @@ def test_config_records_versions_and_summary_the_runs_wall_time(tmp_path):
     # The rounds are part of the run: the wall time covers them, start-up and evaluation.
     assert summary["wall_s"] > summary["startup_s"] > 0
     assert summary["wall_s"] > summary["startup_s"] + summary["total_s"]
+
+
+def test_the_public_names_import_from_the_package_and_output_is_not_wrapped(tmp_path):
+    import testbed
+    from testbed import Experiment, RunConfig, RunFailed, load_topology
+
+    assert Experiment.__module__ == "testbed.experiment" and callable(load_topology)
+    assert RunConfig().scheme and issubclass(RunFailed, RuntimeError)
+    assert sorted(testbed.__all__) == ["Experiment", "RunConfig", "RunFailed", "load_topology"]
+    out = tmp_path / ("a-long-folder-name-" * 5)  # the results line passes 80 columns
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "run", f"{ROOT}/topologies/tiny.py",
+                        "--loopback", "--dataset", "digits", "--rounds", "1", "--iters", "1",
+                        "--train-limit", "200", "--test-limit", "100", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("results: ")]
+    assert line.startswith(f"results: {out}/")
