@@ -54,6 +54,9 @@ if TYPE_CHECKING:  # testbed.network imports Mininet: only a Mininet run loads i
     from testbed.network import Network
 
 
+BYE_GRACE_S = 5.0  # how long a BYE may trail its node's clean exit
+
+
 class RunFailed(RuntimeError):
     """The run could not complete; the message says which node or step and why. `detail`
     (e.g. a node's traceback) is shown by `sledge --debug` only."""
@@ -219,9 +222,11 @@ class Experiment:
         }
 
     # -- control --------------------------------------------------------------------------------
-    def _fail_if_dead(self) -> None:
+    def _fail_if_dead(self, finished: set[str] | frozenset[str] = frozenset()) -> None:
+        """Raise if a node died; `finished` nodes exited on purpose (shutdown)."""
         self._scenario_check()
-        dead = self.recovery.dead()  # exited, or silent for too many heartbeats
+        dead = {n: why for n, why in self.recovery.dead().items()  # exited, or silent too long
+                if n not in finished}
         details = []
         for p in self.procs.values():
             rc = p.returncode()
@@ -248,12 +253,23 @@ class Experiment:
         want = set(self.procs if nodes is None else nodes)
         deadline = time.monotonic() + timeout_s
         check = 0.0  # heartbeats keep the socket busy: check for deaths on a clock
+        finished: dict[str, float] = {}  # node -> when it was seen to have exited with 0
         while len(got) < len(want):
             if (now := time.monotonic()) > deadline:
                 missing = sorted(want - set(got))
                 raise RunFailed(f"{what}: no {mtype} from {missing} within {timeout_s:.0f}s")
             if now >= check and not self._control.poll(0):  # read queued beats first
-                self._fail_if_dead()
+                if mtype == "BYE":
+                    # A node exits 0 only after its BYE left (its socket lingers until sent),
+                    # but the BYE may still be in our I/O thread: not a death. Past a grace
+                    # period it counts as said, without its counters.
+                    for n in want - set(got):
+                        p = self.procs.get(n)
+                        if p is not None and p.returncode() == 0:
+                            finished.setdefault(n, now)
+                    got.update({n: {} for n, t in finished.items()
+                                if n not in got and now - t > BYE_GRACE_S})
+                self._fail_if_dead(set(finished))
                 check = now + 0.2
             try:  # recv, not poll+recv(0): an invalid message is dropped and must not crash us
                 sender, msg = self._control.recv(0.2)
