@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 
-from testbed.cli import load_topology  # noqa: E402
-from testbed.config import RunConfig  # noqa: E402
-from testbed.experiment import Experiment  # noqa: E402
-from testbed.metrics import read_rounds  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNS = [("psl", {}), ("async_sl", {"staleness_policy": "none"}),
         ("async_sl", {"staleness_policy": "lr_decay"}),

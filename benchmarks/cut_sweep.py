@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Cut-layer sweep: the latency model (testbed.latency, algorithms.md 11) against emulated runs.
+"""Cut-layer sweep: the latency model (testbed.plan.latency, algorithms.md 11) against
+emulated runs.
 
 For a topology (default topologies/cellular.py: 3 UEs sharing one cell) and a scheme (default
 PSL), every cut point of the model is run over Mininet and its measured time per iteration set
@@ -9,7 +10,7 @@ deterministic (no jitter, no loss) unless --keep-link-noise. Sharing modes of a 
 
     static     each UE capped at an equal share of the cell on its own access link: the
                per-client rates R_i of 6.3 (the model's own assumption);
-    allocated  the resource manager's shares for that cut (testbed.resources, 6.4), applied
+    allocated  the resource manager's shares for that cut (testbed.plan.resources, 6.4), applied
                to the access links with set_link once the network runs;
     shared     no per-UE cap: the UEs' TCP flows share the cell link's one queue, a client's
                idle share going to whoever transmits (on-demand); predicted by the
@@ -32,23 +33,22 @@ import csv
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from testbed import Experiment
+from testbed.emu.topology import load_topology, parse_params
+from testbed.errors import RunFailed
+from testbed.plan.config import RunConfig
+from testbed.plan.latency import Profile, network_of, predict
+from testbed.plan.resources import Manager, apply, on_demand, shape_access_links
+from testbed.plan.runplan import host_roles, per_host
+from testbed.report.compare import seed_speeds
 
-from testbed.cli import load_topology, parse_params  # noqa: E402
-from testbed.compare import seed_speeds  # noqa: E402
-from testbed.config import RunConfig  # noqa: E402
-from testbed.experiment import Experiment, RunFailed  # noqa: E402
-from testbed.latency import Profile, network_of, predict  # noqa: E402
-from testbed.plan import host_roles, per_host  # noqa: E402
-from testbed.resources import Manager, apply, on_demand, shape_access_links  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = ("static", "allocated", "shared")
 # A full TCP segment carries 1448 payload bytes in a 1514-byte Ethernet frame (14 Ethernet +

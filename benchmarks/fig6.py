@@ -26,19 +26,17 @@ import csv
 import json
 import math
 import os
-import sys
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from nodes.models import build_model, cut_points
+from testbed import Experiment
+from testbed.emu.routing import graph_from_topo
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.plan.latency import Client, Path, Profile, Setup, hierarchical
 
-from nodes.models import build_model, cut_points  # noqa: E402
-from testbed.cli import load_topology  # noqa: E402
-from testbed.config import RunConfig  # noqa: E402
-from testbed.controller import graph_from_topo  # noqa: E402
-from testbed.experiment import Experiment  # noqa: E402
-from testbed.latency import Client, Path, Profile, Setup, hierarchical  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HIER = os.path.join(ROOT, "topologies", "hierarchical.py")
 CLEAN = {"loss": 0, "jitter": 0}  # deterministic links: the model has no loss or jitter
@@ -57,7 +55,7 @@ def topology(users: int, cec_ratio: float) -> Any:
 
 def analytic(topo: Any, split: str, model: str, dataset: str, l1: str, l2: str, batch: int,
              eta: float, beta: float = 2.0) -> dict[str, float]:
-    """algorithms.md 11.7 (testbed.latency.hierarchical) for one iteration of PSL-style
+    """algorithms.md 11.7 (testbed.plan.latency.hierarchical) for one iteration of PSL-style
     parallel users on this topology, in seconds: users' access links as declared, the
     edge-cloud link es1-cs1, cycles/s from each host's `gcycles` tag."""
     prof = Profile.of(model, dataset)

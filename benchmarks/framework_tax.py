@@ -24,13 +24,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from nodes.models import build_model, split_model
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
 
-from nodes.models import build_model, split_model  # noqa: E402
-from testbed.cli import load_topology  # noqa: E402
-from testbed.config import RunConfig  # noqa: E402
-from testbed.experiment import Experiment  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CUT, BATCH, CLIENTS = "layer2.1", 32, 2
 MODEL = {"name": "resnet18", "num_classes": 10, "in_channels": 3, "image_size": 32}

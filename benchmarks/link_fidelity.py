@@ -17,13 +17,12 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from testbed.emu.capabilities import probe
+from testbed.emu.linkcheck import PING_FRAME_BYTES, iperf, ping
+from testbed.emu.network import build_network
+from testbed.emu.topology import load_topology
 
-from testbed.capabilities import probe  # noqa: E402
-from testbed.cli import load_topology  # noqa: E402
-from testbed.linkcheck import PING_FRAME_BYTES, iperf, ping  # noqa: E402
-from testbed.network import build_network  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BWS = (1, 10, 50, 100)
 DELAYS = (0, 5, 20, 50)

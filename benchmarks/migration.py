@@ -4,7 +4,7 @@
 For each model and backhaul capacity, a PSL run on topologies/cellular.py with two cells and an
 edge server per cell (edges=per-cell, one UE per cell, clean links: no loss, no jitter), SGD
 with momentum; after round 1, ue1 hands over to cell 2 and the server follows it
-(testbed.migration.handover, follow=ue1): e1's segments' weights and momentum cross
+(testbed.scenario.migration.handover, follow=ue1): e1's segments' weights and momentum cross
 e1 - bs1 - agg1 - bs2 - e2. Reported: the state's bytes, the STATE message's bytes, the bytes
 on the first backhaul hop's interface, the transfer time beside the time the bytes need at the
 backhaul's rate (the lower bound), the repoint time and the whole migration (start of the node
@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from nodes.models import build_model, cut_points
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.scenario import migration
 
-from nodes.models import build_model, cut_points  # noqa: E402
-from testbed import migration  # noqa: E402
-from testbed.cli import load_topology  # noqa: E402
-from testbed.config import RunConfig  # noqa: E402
-from testbed.experiment import Experiment  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CELLULAR = os.path.join(ROOT, "topologies", "cellular.py")
 

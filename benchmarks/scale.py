@@ -22,12 +22,11 @@ import time
 
 import psutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
 
-from testbed.cli import load_topology  # noqa: E402
-from testbed.config import RunConfig  # noqa: E402
-from testbed.experiment import Experiment  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MB = 1024 * 1024
 

@@ -99,7 +99,7 @@ class Codec:
         return True
 
     def roundtrip(self, a: torch.Tensor) -> torch.Tensor:
-        """What the far side of the cut gets for `a` (inference: testbed.evaluate)."""
+        """What the far side of the cut gets for `a` (inference: testbed.run.evaluate)."""
         return self.decode_act(*self.encode_act(a)[:2])[0]
 
 

@@ -1,6 +1,6 @@
 """Node side of fault tolerance: heartbeats, aborting a round, rollback and rejoin.
 
-Division of labour (docs/fault-tolerance.md): the controller (testbed.recovery) decides who is
+Division of labour (docs/fault-tolerance.md): the controller (testbed.run.recovery) decides who is
 dead and what every node does next; a node only
 - beats: a `Heartbeat` thread with its own DEALER (identity `<name>#hb`) on the ipc control
   path sends HEARTBEAT every `interval_s`. It never touches the data plane, so a transfer that
@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from nodes.context import NodeContext
+from nodes.dataplane import open_data_plane
 from nodes.protocol import Plane
 
 
@@ -91,7 +92,6 @@ def rollback(ctx: NodeContext, scheme: Any, zctx: zmq.Context, meta: dict) -> di
 def rejoin(ctx: NodeContext, scheme: Any, zctx: zmq.Context, meta: dict) -> dict:
     """HELLO on the endpoints named in `meta.hello` (peers or proxies, towards a restarted
     node) and wait for the HELLOs of the identities in `meta.accept` (from it)."""
-    from nodes.runtime import open_data_plane  # the runtime imports this module
 
     t0 = time.perf_counter()
     if ctx.router is not None:

@@ -1,6 +1,7 @@
 """Node side of model migration: a server's state moves to another node, and peers follow it.
 
-The controller (testbed.migration) drives a migration between rounds with three CTRL commands,
+The controller (testbed.scenario.migration) drives a migration between rounds with three CTRL
+commands,
 each answered by a REPORT whose meta carries `cmd` and what the command measured:
 - `migrate_in` (on the new node, started with the old server's config under its own name):
   wait for the old node's STATE, load it, answer STATE_ACK with the hash of what it loaded;
@@ -31,6 +32,7 @@ import torch
 import zmq
 
 from nodes.context import NodeContext
+from nodes.dataplane import open_data_plane
 from nodes.protocol import Endpoint
 
 Tensors = dict[str, torch.Tensor]
@@ -191,7 +193,7 @@ def migrate_in(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
     smeta = {k: v for k, v in msg.meta.items() if k != "hash"}
     unpack_into(ctx, msg.tensors, smeta)
     loaded = state_hash(*pack_context(ctx))
-    # On disk at once: a rollback of the coming round restores what arrived (testbed.recovery).
+    # On disk at once: a rollback of the coming round restores what arrived (testbed.run.recovery).
     ctx.checkpoint(int(meta.get("round", 1)) - 1)
     ctx.router.send("STATE_ACK", to=sender, round=msg.round, meta={"hash": loaded})
     return {"hash": loaded, "sent_hash": msg.meta.get("hash"), "bytes": msg.nbytes}
@@ -199,7 +201,6 @@ def migrate_in(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
 
 def repoint(ctx: NodeContext, scheme: Any, zctx: zmq.Context,
             meta: dict[str, Any]) -> dict[str, Any]:
-    from nodes.runtime import open_data_plane  # the runtime imports this module
 
     old, new, addr = meta["old"], meta["new"], meta["addr"]
     ctx.roles = {r: [new if h == old else h for h in hosts] for r, hosts in ctx.roles.items()}

@@ -1,7 +1,7 @@
 """Reading a node's config file, with the paths it stores made absolute again.
 
 The testbed writes node configs into the run folder with paths relative to that folder
-(testbed.metrics.RunDir.write_node_config), so a copied or moved run folder still resumes;
+(testbed.run.records.RunDir.write_node_config), so a copied or moved run folder still resumes;
 `run_dir` says where the folder is relative to the config file itself. Nothing else changes.
 """
 

@@ -26,6 +26,7 @@ import zmq
 from nodes.compression import attach_compression, compression_report
 from nodes.context import ComputeModel, NodeContext, count_flops
 from nodes.data import load_dataset
+from nodes.dataplane import open_data_plane, server_at
 from nodes.fault import COMMANDS as RECOVERY
 from nodes.fault import start_heartbeat
 from nodes.migrate import COMMANDS as MIGRATION
@@ -49,14 +50,6 @@ def check_config(config: dict[str, Any]) -> None:
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ValueError(f"node config: missing field(s) {missing}")
-
-
-def server_at(config: dict[str, Any], addr: str) -> str:
-    """The node listening at `addr` (its public key is the one to expect there)."""
-    for name, where in config.get("listeners", {}).items():
-        if where == addr:
-            return name
-    raise ValueError(f"node config: no listener at {addr} in 'listeners'")
 
 
 def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
@@ -105,40 +98,6 @@ def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
     return ctx
 
 
-def open_data_plane(ctx: NodeContext, accept: list[str], timeout_s: float,
-                    hello: list[str] | None = None) -> None:
-    """HELLO to every upstream peer (or those named in `hello`: peers or proxied clients);
-    wait for HELLO from every peer in `accept`.
-
-    A ROUTER can address a peer only once it has heard from it; after this exchange a server
-    may send first (e.g. weights to a client) without the scheme knowing about identities.
-    """
-    deadline = time.monotonic() + timeout_s
-    for peer, ep in [*ctx.peers.items(), *ctx.proxies.items()]:
-        if hello is not None and peer not in hello:
-            continue
-        while True:
-            try:
-                ep.send("HELLO")
-                break
-            except TimeoutError:  # peer not listening yet; libzmq keeps reconnecting
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"node {ctx.name}: peer {peer} unreachable for "
-                                       f"{timeout_s:.0f}s") from None
-    waiting = set(accept)
-    while waiting:
-        left = deadline - time.monotonic()
-        try:
-            sender, msg = ctx.router.recv(max(left, 0.0))
-        except TimeoutError:
-            raise TimeoutError(f"node {ctx.name}: no HELLO from {sorted(waiting)} within "
-                               f"{timeout_s:.0f}s") from None
-        if msg.type != "HELLO" or sender not in waiting:
-            raise RuntimeError(f"node {ctx.name}: expected HELLO from {sorted(waiting)}, got "
-                               f"{msg.type} from {sender}")
-        waiting.discard(sender)
-
-
 def run_node(config: dict[str, Any]) -> int:
     """Run one node until the controller says stop. Returns the process exit code."""
     check_config(config)
@@ -153,11 +112,11 @@ def run_node(config: dict[str, Any]) -> int:
         scheme = get_scheme(config["scheme"], **config.get("scheme_options", {}))
         ctx = build_context(config, plane)
         round_fn = scheme.round_of(ctx.role, relay=bool(config.get("relay")))
-        # The run's recovery epoch (testbed.recovery): stamped on everything this node sends,
+        # The run's recovery epoch (testbed.run.recovery): stamped on everything this node sends,
         # control included, so the controller drops reports of an aborted attempt.
         ctx.set_epoch(int(config.get("epoch", 0)))
         control.epoch = ctx.epoch
-        if config.get("restore_round") is not None:  # restarted or resumed (testbed.recovery)
+        if config.get("restore_round") is not None:  # restarted or resumed (testbed.run.recovery)
             ctx.restore(int(config["restore_round"]))
         else:
             ctx.checkpoint(0)  # what a failure in round 1 rolls back to

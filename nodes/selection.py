@@ -1,6 +1,6 @@
 """Client selection per round (algorithms.md 9): who takes part, decided by the controller.
 
-Division of labour: `Selector` is the controller's policy, pure logic (testbed.experiment asks
+Division of labour: `Selector` is the controller's policy, pure logic (testbed.run.experiment asks
 it before each round and tells it each round's reports); the round command's meta carries the
 chosen clients (`clients`), and `take_part` is the node's side: every node narrows the run's
 client list to them for the round (so a server's barrier, concatenation and averaging cover

@@ -25,7 +25,7 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_DEPTH = 3  # Mininet's <hier>/<host>, ours <hier>/<own group>/sledge-<pid>-<host>
 # Processes of ours wherever they run (a node re-parented to init after its parent died):
 # command lines that only sledge, Mininet or a guest of ours start.
-OURS = ("-m nodes", "testbed.zygote", "testbed.relay", "mnexec", "qemu-system")
+OURS = ("-m nodes", "testbed.run.zygote", "testbed.emu.relay", "mnexec", "qemu-system")
 
 
 def _cgroup_dirs() -> set[str]:

@@ -10,10 +10,10 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.metrics import read_rounds
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

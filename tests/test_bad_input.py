@@ -26,9 +26,9 @@ FAST = ["--loopback", "--dataset", "digits", "--rounds", "1", "--iters", "1",
         "--train-limit", "200", "--test-limit", "100"]
 
 SCRIPTS = {
-    "syntax.py": "from testbed.topolib import Topo\nclass T(Topo)\n    pass\n",
+    "syntax.py": "from testbed.emu.topolib import Topo\nclass T(Topo)\n    pass\n",
     "raises.py": "import os\nraise RuntimeError('broken on import')\n",
-    "build.py": ("from testbed.topolib import Topo\n\nclass T(Topo):\n    def build(self):\n"
+    "build.py": ("from testbed.emu.topolib import Topo\n\nclass T(Topo):\n    def build(self):\n"
                  "        raise ValueError('broken build')\n\nTOPOS = {'t': T}\n"),
     "events.yaml": "events:\n  - {at: 1, type: nope}\n",
 }
@@ -92,9 +92,9 @@ def tmpfs(tmp_path):
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory) -> Path:
     """A loopback run of 3 rounds stopped (as by Ctrl-C) after round 1."""
-    from testbed.cli import load_topology
-    from testbed.config import RunConfig
-    from testbed.experiment import Experiment
+    from testbed import Experiment
+    from testbed.emu.topology import load_topology
+    from testbed.plan.config import RunConfig
 
     def stop(exp: Experiment, rnd: int) -> None:
         raise KeyboardInterrupt
@@ -245,7 +245,7 @@ def test_moved_run_folder_with_a_torn_last_line_resumes(stopped_run, tmp_path):
 def test_a_finished_run_is_not_resumed(stopped_run, tmp_path):
     """The status marker decides: a run whose summary says ok refuses, one that says
     interrupted (the fixture's) resumes; so the check is not merely 'summary.json exists'."""
-    from testbed.recovery import resume_state
+    from testbed.run.recovery import resume_state
 
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
@@ -262,8 +262,8 @@ def test_a_full_disk_in_the_controller_names_the_file(tmp_path, monkeypatch):
     line says 'No space left on device' with it (exit 1: the run failed, the input was fine)."""
     import errno
 
-    from testbed.cli import _error
-    from testbed.metrics import RunDir
+    from testbed.cli.main import _error
+    from testbed.run.records import RunDir
 
     run = RunDir(tmp_path, "full")
 
@@ -283,8 +283,8 @@ def test_controller_warnings_are_whole_lines(monkeypatch):
     line) as a line of its own."""
     import logging
 
-    from testbed.cli import _ConsoleLog
-    from testbed.metrics import console
+    from testbed.cli.main import _ConsoleLog
+    from testbed.run.records import console
 
     log = logging.getLogger("nodes.protocol")
     handler = _ConsoleLog(logging.WARNING)

@@ -11,11 +11,12 @@ import pytest
 
 from nodes.models import build_model, segment_output_shape, split_model
 from nodes.schemes import get_scheme
-from testbed.chains import place_chain
-from testbed.cli import load_topology
-from testbed.config import ConfigError, RunConfig
-from testbed.experiment import Experiment, RunFailed
-from testbed.metrics import read_rounds
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.errors import ConfigError, RunFailed
+from testbed.plan.chains import place_chain
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 from tests.test_schemes_loopback import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Chain placement as pure logic (testbed/chains.py): what a segment costs in memory to train
+"""Chain placement as pure logic (testbed/plan/chains.py): what a segment costs in memory to train
 (parameters, gradients, optimizer state, a batch's activations), how a tight mem_mb pushes a
 segment to another tier, and what each scheme adds for its clients (SL's store, the fed
 server); no network, no processes."""
@@ -12,11 +12,11 @@ import pytest
 
 from nodes.models import build_model, segment_output_shape, split_model
 from nodes.schemes import get_scheme
-from testbed.chains import place_chain, segment_bytes, segment_memory
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.controller import place_segments
-from testbed.plan import host_roles, plan_run
+from testbed.emu.routing import place_segments
+from testbed.emu.topology import load_topology
+from testbed.plan.chains import place_chain, segment_bytes, segment_memory
+from testbed.plan.config import RunConfig
+from testbed.plan.runplan import host_roles, plan_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "smallcnn", "num_classes": 10, "in_channels": 1, "image_size": 8}

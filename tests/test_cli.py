@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology, main
-from testbed.config import ConfigError, RunConfig
+from testbed.cli.main import main
+from testbed.emu.topology import load_topology
+from testbed.errors import ConfigError
+from testbed.plan.config import RunConfig
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
 

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.compare import parse_spec, round_metrics, seed_speeds, summary_row
-from testbed.config import ConfigError
+from testbed.emu.topology import load_topology
+from testbed.errors import ConfigError
+from testbed.report.compare import parse_spec, round_metrics, seed_speeds, summary_row
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from testbed.cli import main
+from testbed.cli.main import main
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ from itertools import pairwise
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.controller import (
+from testbed.emu.linkmodel import LinkParams
+from testbed.emu.routing import (
     PLACEMENT_RULE,
     RouteError,
     compute_routes,
@@ -19,7 +19,7 @@ from testbed.controller import (
     route_tree,
     topology_graph,
 )
-from testbed.linkmodel import LinkParams
+from testbed.emu.topology import load_topology
 
 TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies")
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from testbed.capabilities import probe
-from testbed.cli import load_topology
-from testbed.controller import Controller
-from testbed.network import build_network, counter_delta
+from testbed.emu.capabilities import probe
+from testbed.emu.network import build_network, counter_delta
+from testbed.emu.routing import Controller
+from testbed.emu.topology import load_topology
 
 pytestmark = pytest.mark.net
 MESH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies",

@@ -20,7 +20,7 @@ from nodes.data import ArrayDataset
 from nodes.fault import Heartbeat
 from nodes.models import build_model, split_model
 from nodes.protocol import Endpoint, Interrupted, Message, Plane, encode
-from testbed.recovery import Liveness, rejoin_plan, resume_state
+from testbed.run.recovery import Liveness, rejoin_plan, resume_state
 
 
 def make_ctx(tmp_path) -> NodeContext:

@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
-from testbed.cli import load_topology, main
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.metrics import read_rounds
-from testbed.network import read_net_dev
+from testbed import Experiment
+from testbed.cli.main import main
+from testbed.emu.network import read_net_dev
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

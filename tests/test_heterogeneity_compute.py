@@ -11,9 +11,11 @@ import torch
 
 from nodes.context import ComputeModel
 from nodes.runtime import build_context
-from testbed.cli import build_parser, config_from_args, load_topology
-from testbed.config import ConfigError, RunConfig
-from testbed.plan import PlanError, per_host
+from testbed.cli.main import build_parser, config_from_args
+from testbed.emu.topology import load_topology
+from testbed.errors import ConfigError
+from testbed.plan.config import RunConfig
+from testbed.plan.runplan import PlanError, per_host
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
 B = 16

@@ -1,4 +1,4 @@
-"""The latency model (testbed.latency) against algorithms.md's own numbers and hand-computed
+"""The latency model (testbed.plan.latency) against algorithms.md's own numbers and hand-computed
 cases of section 11; no network."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import pytest
 
 from nodes.models import build_model, unit_stats
-from testbed.cli import load_topology
-from testbed.latency import (
+from testbed.emu.topology import load_topology
+from testbed.plan.latency import (
     Client,
     Path,
     Profile,

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from testbed.network import CGROUP_ROOT, remove_cgroup
+from testbed.emu.network import CGROUP_ROOT, remove_cgroup
 from tests.leakcheck import leaked, system_state
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups and interfaces: root")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.linkcheck import expected_path
-from testbed.linkmodel import LinkParams, preset
-from testbed.links import load_trace
+from testbed.emu.linkcheck import expected_path
+from testbed.emu.linkmodel import LinkParams, preset
+from testbed.emu.links import load_trace
 
 
 def test_mininet_vocabulary_maps_to_the_model_per_direction():

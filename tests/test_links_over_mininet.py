@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from testbed.capabilities import probe
-from testbed.cli import load_topology
-from testbed.linkcheck import iperf, ping
-from testbed.network import build_network
+from testbed.emu.capabilities import probe
+from testbed.emu.linkcheck import iperf, ping
+from testbed.emu.network import build_network
+from testbed.emu.topology import load_topology
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

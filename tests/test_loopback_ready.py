@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import testbed.topolib as topolib
-from testbed.cli import load_topology
+import testbed.emu.topolib as topolib
+from testbed.emu.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "topologies" / "tiny.py")
@@ -74,7 +74,7 @@ def test_taken_port_is_replaced_by_a_free_one_and_no_mininet_lines(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         # The probe that picks ports sees the taken one (so the run below would collide).
-        from testbed.preflight import _free, free_port_block
+        from testbed.run.preflight import _free, free_port_block
 
         assert not _free(port)
         assert free_port_block(port, 3) != port

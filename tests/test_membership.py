@@ -1,4 +1,5 @@
-"""Clients leave and join a run (scenario events remove_client / add_client, testbed.membership):
+"""Clients leave and join a run (scenario events remove_client / add_client,
+testbed.scenario.membership):
 loopback node processes, no Mininet. A client that leaves does no work and the server's batch
 holds only the members; when it joins again it trains on with the weights it left with."""
 
@@ -8,11 +9,12 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment, RunFailed
-from testbed.metrics import read_rounds
-from testbed.scenario import Scenario
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.errors import RunFailed
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
+from testbed.scenario.timeline import Scenario
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "topologies", "tiny.py")

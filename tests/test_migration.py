@@ -13,8 +13,8 @@ from nodes.context import NodeContext
 from nodes.migrate import MigrationError, pack_context, state_hash, unpack_into
 from nodes.models import build_model, split_model
 from nodes.protocol import Message, decode, encode
-from testbed import migration
-from testbed.cli import load_topology
+from testbed.emu.topology import load_topology
+from testbed.scenario import migration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,10 +109,10 @@ def test_mid_round_handover_migrates_at_the_next_boundary(tmp_path):
     """A handover during round 2 (timer thread) moves the attachment at once; the migration
     waits for the boundary before round 3 and moves what e1 held after round 2."""
     from nodes.migrate import checkpoint_hash
-    from testbed.config import RunConfig
-    from testbed.experiment import Experiment
-    from testbed.metrics import read_rounds
-    from testbed.scenario import Handover, Scenario
+    from testbed import Experiment
+    from testbed.plan.config import RunConfig
+    from testbed.run.records import read_rounds
+    from testbed.scenario.timeline import Handover, Scenario
 
     topo, _ = load_topology(os.path.join(ROOT, "topologies", "cellular.py"),
                             params={"cells": 2, "ues": 1, "edges": "per-cell"})

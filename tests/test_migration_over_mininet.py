@@ -17,11 +17,11 @@ import pytest
 
 from nodes.migrate import checkpoint_hash
 from nodes.models import build_model, split_model
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.metrics import read_rounds
-from testbed.scenario import Handover, Scenario
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
+from testbed.scenario.timeline import Handover, Scenario
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """A controller killed with SIGKILL leaves its /tmp paths; the next one removes them, and only
-those (testbed.owned)."""
+those (testbed.emu.owned)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from testbed.owned import owned_tmpdir, sweep_orphans
+from testbed.emu.owned import owned_tmpdir, sweep_orphans
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "topologies" / "tiny.py")

@@ -12,10 +12,11 @@ import time
 import pytest
 
 from nodes.models import build_model, segment_output_shape, split_model
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment, RunFailed
-from testbed.metrics import read_rounds
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.errors import RunFailed
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

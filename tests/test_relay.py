@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.linkmodel import PRESETS, Direction, LinkParams, preset
-from testbed.relay import VNET, RelayControl, relay_command, segment, wire_bytes
+from testbed.emu.linkmodel import PRESETS, Direction, LinkParams, preset
+from testbed.emu.relay import VNET, RelayControl, relay_command, segment, wire_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 IP_A, IP_B = "10.199.0.1", "10.199.0.2"

@@ -1,4 +1,5 @@
-"""The resource manager (testbed.resources) against brute force on small instances; no network."""
+"""The resource manager (testbed.plan.resources) against brute force on small instances; no
+network."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.latency import Profile, network_of
-from testbed.resources import Manager, fluid_finish, min_max_shares, on_demand, shape_access_links
+from testbed.emu.topology import load_topology
+from testbed.plan.latency import Profile, network_of
+from testbed.plan.resources import (
+    Manager,
+    fluid_finish,
+    min_max_shares,
+    on_demand,
+    shape_access_links,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELL = ("cell1", "bs1")
@@ -89,8 +96,8 @@ def test_access_links_get_their_own_shaper():
 
 
 def test_allocate_run_picks_the_cut_and_declares_per_ue_shapers():
-    from testbed.config import RunConfig
-    from testbed.resources import allocate_run
+    from testbed.plan.config import RunConfig
+    from testbed.plan.resources import allocate_run
 
     topo, _ = load_topology(os.path.join(ROOT, "topologies", "cellular.py"),
                             params={"ues": 2, "links": {"cell": {"bw_up": 2, "bw_down": 4}}})

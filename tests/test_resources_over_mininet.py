@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.latency import Profile, network_of
-from testbed.resources import Manager, apply, shape_access_links
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.plan.latency import Profile, network_of
+from testbed.plan.resources import Manager, apply, shape_access_links
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEAN = {"jitter": 0, "loss": 0}

@@ -1,6 +1,6 @@
 """Scenario timelines without a network: YAML and its errors, the channel numbers, waypoints,
 handover hysteresis, trigger order, reactions, and determinism of the link-state sequence
-(testbed.scenario.simulate: the same engine on a recording network with a virtual clock)."""
+(testbed.scenario.engine.simulate: the same engine on a recording network with a virtual clock)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import os
 
 import pytest
 
-from testbed import scenario as sc
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment, RunFailed
-from testbed.latency import path_gain
-from testbed.mobility import BaseStation, Mobility, Radio, waypoint_samples
-from testbed.scenario import Kill, LinkDown, Move, Scenario, ScenarioError, ScenarioRunner, SetLink
+from testbed import Experiment
+from testbed.emu import linkops
+from testbed.scenario import engine as sc
+from testbed.emu.topology import load_topology
+from testbed.errors import RunFailed
+from testbed.plan.config import RunConfig
+from testbed.plan.latency import path_gain
+from testbed.plan.mobility import BaseStation, Mobility, Radio, waypoint_samples
+from testbed.scenario.engine import ScenarioRunner
+from testbed.scenario.timeline import Kill, LinkDown, Move, Scenario, ScenarioError, SetLink
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = os.path.join(ROOT, "scenarios")
@@ -126,7 +129,7 @@ def test_path_loss_snr_and_shannon_rate_match_hand_computed_values():
     assert r.rate_mbit(128.1, 1.0) == pytest.approx(26.851, abs=1e-3)
     # Uplink at 100 m: 35.049 dB -> 14e6 log2(1 + 3198.5) = 163.009 Mbit/s.
     assert r.rate_mbit(90.5, 0.2) == pytest.approx(163.009, abs=1e-3)
-    # The same channel as the latency model's (testbed.latency.path_gain), and a capped rate.
+    # The same channel as the latency model's (testbed.plan.latency.path_gain), and a capped rate.
     assert 10 ** (-r.path_loss_db(250) / 10) == pytest.approx(path_gain(250))
     assert Radio(max_rate_mbit=100).rate_mbit(60.0, 1.0) == 100
     # Propagation: 1.5 km at c = 5.0035 us.
@@ -198,7 +201,7 @@ def test_triggers_fire_in_order_and_reactions_see_their_context(cells3, tmp_path
         {"kind": "link_up", "at": 99, "link": ["bs1", "agg1"]},
     ]})
     log = []
-    runner = ScenarioRunner(timeline, cells3, sc.link_ops(None, cells3), seed=0,
+    runner = ScenarioRunner(timeline, cells3, linkops.link_ops(None, cells3), seed=0,
                             reactions={"kill": on("kill"), "handover": on("handover"),
                                        "link_down": on("link_down")}, log=log.append)
     clock = {"t": 0.0}
@@ -227,13 +230,13 @@ def test_triggers_fire_in_order_and_reactions_see_their_context(cells3, tmp_path
 
 def test_an_unregistered_kind_at_dispatch_fails_naming_the_event(cells3):
     runner = ScenarioRunner(Scenario([Kill(before_round=1, node="ue1")]), cells3,
-                            sc.link_ops(None, cells3), seed=0, reactions={})
+                            linkops.link_ops(None, cells3), seed=0, reactions={})
     with pytest.raises(ScenarioError, match=r"events\[0\] \(kill\): no reaction registered"):
         runner.before_round(1)
 
 
 def test_sledge_scenario_prints_the_link_states_without_a_network(capsys):
-    from testbed.cli import main
+    from testbed.cli.main import main
 
     args = ["scenario", os.path.join(SCENARIOS, "mesh_link_cut.yaml"),
             os.path.join(ROOT, "topologies", "mesh.py"), "-p", "rows=2", "-p", "cols=2",

@@ -15,11 +15,11 @@ import os
 
 import pytest
 
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.metrics import read_events, read_rounds
-from testbed.scenario import simulate
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_events, read_rounds
+from testbed.scenario.engine import simulate
 
 pytestmark = pytest.mark.net
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,8 @@ def test_kernel_counters_show_the_traffic_on_the_new_path(cut):
 
 def test_the_applied_link_states_are_the_planned_sequence(cut):
     """Determinism: what the run applied to the emulated links is, state by state, what the
-    timeline gives on a recording network (testbed.scenario.simulate) with the run's seed."""
+    timeline gives on a recording network (testbed.scenario.engine.simulate) with the run's
+    seed."""
     exp, _, events, _ = cut
     applied = [(e["link"], e["by"], e["state"]) for e in events if e["kind"] == "link_state"]
     plan = simulate(exp.scenario, exp.topo, seed=exp.cfg.seed, rounds=4, round_s=5.0)

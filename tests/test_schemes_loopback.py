@@ -12,10 +12,10 @@ import socket
 import pytest
 import torch
 
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.metrics import read_rounds
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "topologies", "tiny.py")

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from nodes.runtime import build_context
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment
-from testbed.metrics import read_rounds
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 from tests import wiretap
 
 pytestmark = pytest.mark.net

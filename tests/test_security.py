@@ -18,10 +18,11 @@ import pytest
 import zmq
 
 from nodes.protocol import Endpoint, Gatekeeper, Message, Security, encode
-from testbed.cli import load_topology
-from testbed.config import RunConfig
-from testbed.experiment import Experiment, RunFailed
-from testbed.metrics import read_rounds
+from testbed import Experiment
+from testbed.emu.topology import load_topology
+from testbed.errors import RunFailed
+from testbed.plan.config import RunConfig
+from testbed.run.records import read_rounds
 from tests.test_schemes_loopback import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -88,10 +88,10 @@ def test_a_run_selects_per_round_and_only_participants_train(tmp_path):
     """Loopback run (real node processes, no Mininet): 3 clients, rpowd m=2 d=3. Each round's
     choice is logged, the one left out does no work, the server's batch holds only the
     participants, and from round 2 on the choice is the top-2 of the losses last reported."""
-    from testbed.cli import load_topology
-    from testbed.config import RunConfig
-    from testbed.experiment import Experiment
-    from testbed.metrics import read_rounds
+    from testbed import Experiment
+    from testbed.emu.topology import load_topology
+    from testbed.plan.config import RunConfig
+    from testbed.run.records import read_rounds
 
     tiny = __file__.rsplit("/tests/", 1)[0] + "/topologies/tiny.py"
     topo, _ = load_topology(tiny, params={"clients": 3})

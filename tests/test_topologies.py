@@ -8,10 +8,10 @@ import os
 import networkx as nx
 import pytest
 
-from testbed.cli import load_topology
-from testbed.controller import graph_from_topo
-from testbed.linkmodel import PRESETS, Direction, LinkParams
-from testbed.links import shaping_params
+from testbed.emu.linkmodel import PRESETS, Direction, LinkParams
+from testbed.emu.links import shaping_params
+from testbed.emu.routing import graph_from_topo
+from testbed.emu.topology import load_topology
 
 TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies")
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from testbed.capabilities import probe
-from testbed.cli import load_topology
-from testbed.controller import Controller, compute_routes
-from testbed.linkcheck import ping
-from testbed.network import build_network
+from testbed.emu.capabilities import probe
+from testbed.emu.linkcheck import ping
+from testbed.emu.network import build_network
+from testbed.emu.routing import Controller, compute_routes
+from testbed.emu.topology import load_topology
 
 pytestmark = pytest.mark.net
 TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies")

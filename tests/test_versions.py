@@ -1,4 +1,4 @@
-"""A run says what it was made with and how long it really took (testbed.versions)."""
+"""A run says what it was made with and how long it really took (testbed.run.versions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from testbed.versions import sledge_version
+from testbed.run.versions import sledge_version
 from tests.test_schemes_loopback import ROOT, loop_run
 
 
@@ -35,7 +35,7 @@ def test_the_public_names_import_from_the_package_and_output_is_not_wrapped(tmp_
     import testbed
     from testbed import Experiment, RunConfig, RunFailed, load_topology
 
-    assert Experiment.__module__ == "testbed.experiment" and callable(load_topology)
+    assert Experiment.__module__ == "testbed.scenario.experiment" and callable(load_topology)
     assert RunConfig().scheme and issubclass(RunFailed, RuntimeError)
     assert sorted(testbed.__all__) == ["Experiment", "RunConfig", "RunFailed", "load_topology"]
     out = tmp_path / ("a-long-folder-name-" * 5)  # the results line passes 80 columns

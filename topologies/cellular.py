@@ -27,17 +27,17 @@ migrates there, docs/migration.md). Edge to edge, state crosses two shaped backh
     ue2 -- cell2 ==cell== bs2 -- e2 (standby)
 
 Link parameters are data: `links` maps a link class ("cell", "backhaul") to Mininet link keys
-overriding its preset (testbed.linkmodel.PRESETS), or to {"preset": name, ...}; a dict or a YAML
+overriding its preset (testbed.emu.linkmodel.PRESETS), or to {"preset": name, ...}; a dict or a YAML
 file. `resources` maps a role to host parameters (e.g. {"client": {"cpu": 0.2, "mem_mb": 512}}).
 Base station bs<c> is tagged with its cell, its position ((c - 1) * spacing, 0) in metres and
 the node its radio link starts from (cell<c>): scenarios move UEs against them
-(testbed.mobility, docs/scenarios.md).
+(testbed.plan.mobility, docs/scenarios.md).
 
     sledge run topologies/cellular.py -p ues=5 -p "links={'cell': {'bw_up': 20}}"
 """
 
 
-from testbed.topolib import Topo, link_kwargs, load
+from testbed.emu.topolib import Topo, link_kwargs, load
 
 EDGES = ("shared", "per-cell")
 LINKS = {"cell": "cellular", "backhaul": "wireless-backhaul"}  # link class -> default preset
@@ -67,7 +67,8 @@ class CellularTopo(Topo):
         n = 0
         for c in range(1, cells + 1):
             cell = self.addSwitch(f"cell{c}", dpid=f"{next(dpid):x}")
-            # Base stations on a line, `spacing` metres apart (testbed.mobility reads the tags).
+            # Base stations on a line, `spacing` metres apart (testbed.plan.mobility reads the
+            # tags).
             bs = self.addSwitch(f"bs{c}", dpid=f"{next(dpid):x}", bs=True, cell=c,
                                 pos=((c - 1) * spacing, 0.0), access=f"cell{c}")
             self.addLink(cell, bs, **kw["cell"])  # node1 = the UE side: "up" is the uplink
@@ -83,6 +84,6 @@ class CellularTopo(Topo):
 TOPOS = {"cellular": CellularTopo}
 
 if __name__ == "__main__":
-    from testbed.cli import topology_main
+    from testbed.cli.main import topology_main
 
     topology_main(__file__)

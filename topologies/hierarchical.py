@@ -26,8 +26,8 @@ cloud. With fed=True a fed server (role "fedserver", SplitFed's) sits at the clo
 """
 
 
-from testbed.linkmodel import LinkParams
-from testbed.topolib import Topo, link_kwargs, load
+from testbed.emu.linkmodel import LinkParams
+from testbed.emu.topolib import Topo, link_kwargs, load
 
 LINKS = {"access": "cellular", "edge_cloud": "wired-backhaul"}  # link class -> default preset
 USER_GCYCLES = (0.1, 0.2, 0.3, 0.4, 0.5)  # seed Fig. 4/6 clients, U[0.1, 0.5] made deterministic
@@ -85,6 +85,6 @@ class HierarchicalTopo(Topo):
 TOPOS = {"hierarchical": HierarchicalTopo}
 
 if __name__ == "__main__":
-    from testbed.cli import topology_main
+    from testbed.cli.main import topology_main
 
     topology_main(__file__)

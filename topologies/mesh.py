@@ -9,7 +9,7 @@
 
 The edge servers (m<i>, role "edge", the one named by `server` role "server", tier "edge") are
 routers: a mesh bridged at L2 would loop, so every host keeps one address and the central
-controller (testbed.controller) installs host routes hop by hop; until it does, only directly
+controller (testbed.emu.routing) installs host routes hop by hop; until it does, only directly
 linked hosts reach each other. By default the clients (c<j>, role "client") attach round-robin
 to the `clients` westernmost edge servers and the easternmost one is the server; `attach` (edge
 server names) and `server` choose otherwise. Each edge server is tagged with its position
@@ -20,7 +20,7 @@ topologies/cellular.py. Routing and addressing: docs/topologies.md.
 
 import networkx as nx
 
-from testbed.topolib import Topo, link_kwargs, load
+from testbed.emu.topolib import Topo, link_kwargs, load
 
 LINKS = {"mesh": "mesh", "access": "cellular"}  # link class -> default preset
 
@@ -79,6 +79,6 @@ class MeshTopo(Topo):
 TOPOS = {"mesh": MeshTopo}
 
 if __name__ == "__main__":
-    from testbed.cli import topology_main
+    from testbed.cli.main import topology_main
 
     topology_main(__file__)

@@ -9,13 +9,13 @@ Vehicles (v<i>, role "client", tier "user", v1 leads) relay for each other over 
 the lead vehicle reaches the cell and the others' traffic hops along the platoon; with
 v2i="all" each vehicle also attaches to the cell, whose ONE shaped link (preset "cellular") all
 attached vehicles share, and the controller picks between the cell and the chain. Vehicles are
-routers; the controller (testbed.controller) installs the routes. The edge server (srv, role
+routers; the controller (testbed.emu.routing) installs the routes. The edge server (srv, role
 "server") sits at the base station. `links` ("v2v", "cell") and `resources` are data as in
 topologies/cellular.py.
 """
 
 
-from testbed.topolib import Topo, link_kwargs, load
+from testbed.emu.topolib import Topo, link_kwargs, load
 
 LINKS = {"v2v": "v2v", "cell": "cellular"}  # link class -> default preset
 
@@ -43,6 +43,6 @@ class PlatoonTopo(Topo):
 TOPOS = {"platoon": PlatoonTopo}
 
 if __name__ == "__main__":
-    from testbed.cli import topology_main
+    from testbed.cli.main import topology_main
 
     topology_main(__file__)

@@ -11,7 +11,7 @@ Run it through sledge (`sledge run topologies/tiny.py`) or on its own
 (`sudo .venv/bin/python topologies/tiny.py --help`).
 """
 
-from testbed.topolib import Topo
+from testbed.emu.topolib import Topo
 
 
 class TinyTopo(Topo):
@@ -32,6 +32,6 @@ class TinyTopo(Topo):
 TOPOS = {"tiny": TinyTopo}
 
 if __name__ == "__main__":
-    from testbed.cli import topology_main
+    from testbed.cli.main import topology_main
 
     topology_main(__file__)

@@ -33,7 +33,8 @@ class Scheme:
     # Option name -> allowed values, for options that pick one of listed alternatives.
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
     # Whether clients take turns (vanilla SL) rather than compute at the same time: analysis
-    # (testbed.compare) adds their compute times on the critical path instead of taking the max.
+    # (testbed.report.compare) adds their compute times on the critical path instead of taking
+    # the max.
     sequential_clients: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

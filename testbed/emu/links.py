@@ -1,0 +1,310 @@
+"""How link parameters are applied to a built network, and changed while it runs.
+
+Topologies declare links in Mininet's vocabulary; testbed.emu.linkmodel turns that into one model
+(per direction: rate, delay, jitter, loss, queue). A backend makes the model real:
+- `NetemBackend` where the kernel has netem: TCLink's HTB + netem, changed in place with
+  `tc ... change` (never deleted and rebuilt, so tc state and traffic in flight survive).
+- `RelayBackend` where it has not: a relay node in the middle of each shaped link
+  (h1 - x1 - s1) runs testbed.emu.relay, which applies the whole model in user space and takes
+  changes over its control socket.
+Both offer the same run-time calls: set_link, link_down / link_up, and replay of a trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import shutil
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from testbed.emu.linkmodel import Direction, LinkParams
+from testbed.emu.owned import owned_tmpdir
+from testbed.emu.relay import RelayControl, relay_command
+from testbed.emu.topolib import Topo
+
+SHAPING_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size")
+
+
+def shaping_params(info: dict) -> dict[str, Any]:
+    """The link-model keys of a topology link's info (including `_up` / `_down` variants)."""
+    return {k: v for k, v in info.items()
+            if k in SHAPING_KEYS or k.rsplit("_", 1)[0] in SHAPING_KEYS}
+
+
+def is_shaped(p: LinkParams) -> bool:
+    return p.up != Direction() or p.down != Direction()
+
+
+@functools.cache
+def relay_host_class() -> type:
+    """The Mininet host class of relay nodes. Made on first use: this module is imported by
+    loopback runs too (scenarios), which must not need Mininet (testbed.emu.topolib)."""
+    from mininet.node import Host
+
+    class RelayHost(Host):
+        """A namespace whose two interfaces are bridged by a relay process: no IP, no IPv6."""
+
+        def config(self, **params: Any) -> dict:
+            r = super().config(**params)
+            for intf in self.intfList():
+                if intf.name != "lo":
+                    self.cmd("ip addr flush dev", intf.name)
+            self.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 "
+                     "net.ipv6.conf.default.disable_ipv6=1")
+            return r
+
+    RelayHost.__qualname__ = "RelayHost"  # as if at module level, in logs and reprs
+    return RelayHost
+
+
+class LinkBackend:
+    name = ""
+
+    def __init__(self) -> None:
+        self.params: dict[tuple[str, str], LinkParams] = {}   # the links this backend shapes
+        self.declared: list[tuple[str, str, LinkParams]] = []  # every topology link, as declared
+
+    def _key(self, a: str, b: str) -> tuple[tuple[str, str], bool]:
+        if (a, b) in self.params:
+            return (a, b), False
+        if (b, a) in self.params:
+            return (b, a), True
+        raise KeyError(f"no shaped link between {a!r} and {b!r}; links: {sorted(self.params)}")
+
+    def prepare(self, topo: Topo) -> Topo:
+        """Return the topology to build (may add nodes); remember each link's parameters."""
+        raise NotImplementedError
+
+    def start(self, net: Any) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def apply(self, key: tuple[str, str], params: LinkParams) -> None:
+        raise NotImplementedError
+
+    def set_status(self, key: tuple[str, str], up: bool) -> None:
+        raise NotImplementedError
+
+    # -- run-time calls, the same for every backend ----------------------------------------
+    def set_link(self, a: str, b: str, **mininet_params: Any) -> LinkParams:
+        """Change the a-b link; only the given parameters change. Returns the new model."""
+        key, flipped = self._key(a, b)
+        cur = self.params[key]
+        if flipped:  # the caller's "up" (a -> b) is the declared link's "down"
+            mininet_params = {_flip(k): v for k, v in mininet_params.items()}
+        given = LinkParams.from_mininet(**mininet_params)
+        raw = set(mininet_params)
+        new = LinkParams(up=_merge(cur.up, given.up, raw, "up"),
+                         down=_merge(cur.down, given.down, raw, "down"))
+        self.apply(key, new)
+        self.params[key] = new
+        return new
+
+    def link_down(self, a: str, b: str) -> None:
+        self.set_status(self._key(a, b)[0], False)
+
+    def link_up(self, a: str, b: str) -> None:
+        self.set_status(self._key(a, b)[0], True)
+
+    def replay(self, a: str, b: str, trace_csv: str) -> threading.Thread:
+        """Apply a CSV trace (column `time_s`, then Mininet link keys) in a daemon thread."""
+        rows = load_trace(trace_csv)
+
+        def run() -> None:
+            t0 = time.monotonic()
+            for t, params in rows:
+                time.sleep(max(0.0, t0 + t - time.monotonic()))
+                self.set_link(a, b, **params)
+
+        th = threading.Thread(target=run, name=f"trace {a}-{b}", daemon=True)
+        th.start()
+        return th
+
+
+_FIELD = {"bw": "bw_mbit", "delay": "delay_ms", "jitter": "jitter_ms", "loss": "loss",
+          "max_queue_size": "queue_bytes"}
+
+
+def _flip(key: str) -> str:
+    base, _, side = key.rpartition("_")
+    return {"up": f"{base}_down", "down": f"{base}_up"}.get(side, key) if base else key
+
+
+def _merge(cur: Direction, given: Direction, raw: set[str], side: str) -> Direction:
+    changes = {f: getattr(given, f) for k, f in _FIELD.items() if k in raw or f"{k}_{side}" in raw}
+    return replace(cur, **changes)
+
+
+def load_trace(path: str) -> list[tuple[float, dict[str, Any]]]:
+    """Rows of (time in s, Mininet link params); errors name the row and column."""
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "time_s" not in reader.fieldnames:
+            raise ValueError(f"trace {path}: needs a 'time_s' column, has {reader.fieldnames}")
+        for i, row in enumerate(reader, start=2):
+            try:
+                t = float(row.pop("time_s"))
+                params = {k: float(v) if k in ("bw", "loss") else v
+                          for k, v in row.items() if v not in ("", None)}
+                LinkParams.from_mininet(**params)  # validate now, not mid-experiment
+            except ValueError as e:
+                raise ValueError(f"trace {path} line {i}: {e}") from None
+            rows.append((t, params))
+    return sorted(rows, key=lambda r: r[0])
+
+
+class NetemBackend(LinkBackend):
+    """TCLink's HTB + netem, changed in place with `tc ... change`."""
+
+    name = "netem"
+
+    def prepare(self, topo: Topo) -> Topo:
+        for n1, n2, info in topo.links(sort=True, withInfo=True):
+            p = LinkParams.from_mininet(**shaping_params(info))
+            self.params[(n1, n2)] = p
+            self.declared.append((n1, n2, p))
+            for k in list(shaping_params(info)):
+                info.pop(k)
+            # TCLink shapes each interface's egress: node1's is "up", node2's is "down".
+            info["params1"], info["params2"] = _tc_params(p.up), _tc_params(p.down)
+        return topo
+
+    def start(self, net: Any) -> None:
+        self.net = net
+
+    def _intfs(self, key: tuple[str, str]) -> tuple[Any, Any]:
+        a, b = self.net.get(key[0]), self.net.get(key[1])
+        (ia, ib), *_ = a.connectionsTo(b)
+        return ia, ib
+
+    def apply(self, key: tuple[str, str], params: LinkParams) -> None:
+        for intf, d in zip(self._intfs(key), (params.up, params.down), strict=True):
+            if d.bw_mbit:
+                intf.tc(f"%s class change dev %s parent 5:0 classid 5:1 htb rate {d.bw_mbit}Mbit "
+                        "burst 15k")
+            netem = (f"delay {d.delay_ms}ms {d.jitter_ms}ms loss {d.loss * 100:.5f}%"
+                     + (f" limit {max(1, (d.queue_bytes or 0) // 1500)}" if d.queue_bytes else ""))
+            parent = "parent 5:1" if d.bw_mbit else "root"
+            intf.tc(f"%s qdisc change dev %s {parent} handle 10: netem {netem}")
+
+    def set_status(self, key: tuple[str, str], up: bool) -> None:
+        for intf in self._intfs(key):
+            intf.ifconfig("up" if up else "down")
+
+
+def _tc_params(d: Direction) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if d.bw_mbit:
+        out["bw"] = d.bw_mbit
+    # netem always present on a shaped interface, so later changes can `tc qdisc change` it.
+    out["delay"] = f"{d.delay_ms}ms"
+    if d.jitter_ms:
+        out["jitter"] = f"{d.jitter_ms}ms"
+    if d.loss:
+        out["loss"] = d.loss * 100
+    if d.queue_bytes:
+        out["max_queue_size"] = max(1, d.queue_bytes // 1500)
+    return out
+
+
+class RelayBackend(LinkBackend):
+    """A relay node in the middle of every shaped link (h1 - x1 - s1), run at real-time priority."""
+
+    name = "relay"
+    RT_PRIORITY = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relays: dict[tuple[str, str], str] = {}
+        self.procs: dict[str, Any] = {}
+        self.dir: str | None = None
+
+    def prepare(self, topo: Topo) -> Topo:
+        out = Topo()
+        for n in topo.nodes():
+            if topo.isSwitch(n):
+                out.addSwitch(n, **{k: v for k, v in topo.nodeInfo(n).items() if k != "isSwitch"})
+            else:
+                out.addHost(n, **topo.nodeInfo(n))
+        for i, (n1, n2, info) in enumerate(topo.links(sort=True, withInfo=True), start=1):
+            rest = {k: v for k, v in info.items()
+                    if k not in shaping_params(info) and k not in ("node1", "node2")}
+            p = LinkParams.from_mininet(**shaping_params(info))
+            self.declared.append((n1, n2, p))
+            if not is_shaped(p):
+                out.addLink(n1, n2, **rest)
+                continue
+            self.params[(n1, n2)] = p
+            x = f"x{i}"
+            out.addHost(x, cls=relay_host_class(), ip=None, role="relay")
+            # Keep the original port numbers on n1 and n2, so interface names do not change.
+            out.addLink(n1, x, port1=rest.pop("port1", None), port2=0)
+            out.addLink(x, n2, port1=1, port2=rest.pop("port2", None), **rest)
+            self.relays[(n1, n2)] = x
+        return out
+
+    def start(self, net: Any) -> None:
+        self.dir = owned_tmpdir("links")
+        for key, x in self.relays.items():
+            host = net.get(x)
+            a, b = (f"{x}-eth0", f"{x}-eth1")
+            sock = os.path.join(self.dir, f"{x}.sock")
+            cmd = relay_command(a, b, sock, self.params[key], rt_priority=self.RT_PRIORITY)
+            log = open(os.path.join(self.dir, f"{x}.log"), "wb")  # noqa: SIM115
+            self.procs[x] = host.popen(cmd, stdout=log, stderr=log)
+            log.close()
+        deadline = time.monotonic() + 30
+        for x, p in self.procs.items():
+            sock = os.path.join(self.dir, f"{x}.sock")
+            while not os.path.exists(sock):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    with open(os.path.join(self.dir, f"{x}.log"), errors="replace") as f:
+                        raise RuntimeError(f"relay {x} did not start: {f.read()[-2000:]}")
+                time.sleep(0.02)
+
+    def control(self, key: tuple[str, str]) -> RelayControl:
+        return RelayControl(os.path.join(self.dir, f"{self.relays[key]}.sock"))
+
+    def apply(self, key: tuple[str, str], params: LinkParams) -> None:
+        with self.control(key) as c:
+            c.apply(params)
+
+    def set_status(self, key: tuple[str, str], up: bool) -> None:
+        with self.control(key) as c:
+            c.up() if up else c.down()
+
+    def stats(self) -> dict[str, dict]:
+        out = {}
+        for key, x in self.relays.items():
+            with self.control(key) as c:
+                out[f"{key[0]}-{key[1]}"] = {"relay": x, **c.stats()}
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except Exception:
+                p.kill()
+                p.wait(5)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def choose_backend(netem: bool, requested: str = "auto") -> LinkBackend:
+    if requested not in ("auto", "netem", "relay"):
+        raise ValueError(f"link backend {requested!r} is unknown; valid: auto, netem, relay")
+    if requested == "netem" and not netem:
+        raise ValueError("link backend 'netem' requested but this kernel has no netem")
+    return NetemBackend() if requested == "netem" or (requested == "auto" and netem) \
+        else RelayBackend()

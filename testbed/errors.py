@@ -1,0 +1,31 @@
+"""The errors every layer raises and the command line maps to exit codes (2: bad input, 1: failed).
+
+Below every package (it imports nothing of sledge): a ConfigError names the field or file that is
+wrong; a RunFailed says which node or step failed and why.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Bad input: the message names the field or file."""
+
+
+class RunFailed(RuntimeError):
+    """The run could not complete; the message says which node or step and why. `detail`
+    (e.g. a node's traceback) is shown by `sledge --debug` only."""
+
+    detail: str = ""
+
+
+class BadInput(RunFailed, ConfigError):
+    """The run was refused before any node started: the message names the field or file. A
+    RunFailed for callers that catch those, a ConfigError (exit 2) for the command line."""
+
+
+class NodesDead(RunFailed):
+    """Nodes died (process exit or missed heartbeats): testbed.run.recovery may redo the round."""
+
+    def __init__(self, dead: dict[str, str], detail: str) -> None:
+        super().__init__(detail)
+        self.dead = dead

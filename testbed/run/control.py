@@ -1,0 +1,144 @@
+"""The controller's control channel: commands to the nodes, and their replies collected.
+
+One ROUTER socket (nodes.protocol) on the run's ipc path. `collect` waits for one message of a
+type from every node (or some), while watching for the nodes' errors and deaths; everything that
+drives nodes between rounds (the experiment's rounds, testbed.run.recovery's rollbacks and
+restarts, testbed.scenario.migration's moves) goes through here, not through the Experiment's
+internals. It does not decide what to send: its callers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from testbed.errors import NodesDead, RunFailed
+
+if TYPE_CHECKING:
+    from nodes.protocol import Endpoint, Plane
+    from testbed.run.experiment import Experiment
+
+# A node that exited 0 during BYE collection has sent its BYE (its socket lingers until it is
+# sent), but the BYE may still be in our I/O thread: waited for this long, not a death.
+BYE_GRACE_S = 5.0
+
+
+class ControlChannel:
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.endpoint: Endpoint | None = None
+        # Each node's protocol counters when it said HELLO: round 1's traffic counts from here.
+        self.startup_proto: dict[str, dict] = {}
+
+    def open(self, plane: Plane, addr: str, hosts: list[str]) -> None:
+        # Only the run's nodes (and their heartbeat sockets) may speak to the controller.
+        self.endpoint = plane.router("controller", addr,
+                                     expected={*hosts, *(f"{h}#hb" for h in hosts)})
+
+    @property
+    def epoch(self) -> int:
+        return self.endpoint.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        """From here the controller stamps this epoch and drops anything older."""
+        self.endpoint.epoch = value
+
+    # -- sending --------------------------------------------------------------------------------
+    def send(self, node: str, rnd: int, **meta: Any) -> None:
+        self.endpoint.send("CTRL", to=node, round=rnd, meta=meta)
+
+    def broadcast(self, rnd: int, **meta: Any) -> None:
+        for name in self.exp.procs:
+            self.send(name, rnd, **meta)
+
+    def interrupt(self, node: str, rnd: int, **meta: Any) -> None:
+        """To the node's heartbeat thread (it acts at once, even mid-round); best effort."""
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            self.send(f"{node}#hb", rnd, **meta)
+
+    # -- receiving ------------------------------------------------------------------------------
+    def baseline(self) -> dict[str, dict]:
+        """Each node's protocol counters at the end of the last round (or at start-up): the
+        next round's traffic is the difference."""
+        rounds = self.exp.rounds
+        return rounds[-1]["_proto"] if rounds else self.startup_proto
+
+    def rebase(self, replies: dict[str, Any]) -> None:
+        """Nodes that started again (restart, migration) count from their new counters."""
+        self.baseline().update({n: m.get("proto", {}) for n, m in replies.items()})
+
+    def collect(self, mtype: str, rnd: int, timeout_s: float, what: str,
+                nodes: list[str] | None = None) -> dict[str, Any]:
+        """Wait for one `mtype` message from every node (or from `nodes`), watching for
+        errors and deaths."""
+        exp = self.exp
+        got: dict[str, Any] = {}
+        want = set(exp.procs if nodes is None else nodes)
+        deadline = time.monotonic() + timeout_s
+        check = 0.0  # heartbeats keep the socket busy: check for deaths on a clock
+        finished: dict[str, float] = {}  # node -> when it was seen to have exited with 0
+        while len(got) < len(want):
+            if (now := time.monotonic()) > deadline:
+                missing = sorted(want - set(got))
+                raise RunFailed(f"{what}: no {mtype} from {missing} within {timeout_s:.0f}s")
+            if now >= check and not self.endpoint.poll(0):  # read queued beats first
+                if mtype == "BYE":
+                    # A node exits 0 only after its BYE left, but the BYE may still be in
+                    # our I/O thread: not a death. Past a grace period it counts as said,
+                    # without its counters.
+                    for n in want - set(got):
+                        p = exp.procs.get(n)
+                        if p is not None and p.returncode() == 0:
+                            finished.setdefault(n, now)
+                    got.update({n: {} for n, t in finished.items()
+                                if n not in got and now - t > BYE_GRACE_S})
+                self.fail_if_dead(set(finished))
+                check = now + 0.2
+            try:  # recv, not poll+recv(0): an invalid message is dropped and must not crash us
+                sender, msg = self.endpoint.recv(0.2)
+            except TimeoutError:
+                continue
+            if exp.recovery.on_message(sender, msg):  # heartbeats, aborted rounds
+                continue
+            if msg.type == "ERROR":
+                err = RunFailed(f"node {sender} failed: {msg.meta.get('error')} (log: "
+                                f"{exp.run_dir.file('logs', f'{sender}.log')})")
+                err.detail = msg.meta.get("traceback", "")  # `sledge --debug` shows it
+                raise err
+            if msg.type == mtype and msg.round == rnd and sender in want:
+                got[sender] = msg.meta
+        return got
+
+    def fail_if_dead(self, finished: set[str] | frozenset[str] = frozenset()) -> None:
+        """Raise if a node died; `finished` nodes exited on purpose (shutdown)."""
+        exp = self.exp
+        for hook in exp.hooks:  # what failed on another thread (a scenario's timer) is raised here
+            hook.check(exp)
+        dead = {n: why for n, why in exp.recovery.dead().items()  # exited, or silent too long
+                if n not in finished}
+        details = []
+        for p in exp.procs.values():
+            rc = p.returncode()
+            if rc is None or p.name not in dead:
+                continue
+            if exp.network.oom_kills(p.name):
+                mem = exp.limits.get(p.name, {}).get("mem_mb")
+                raise RunFailed(f"node {p.name} was killed by the kernel's OOM killer: it "
+                                f"exceeded host {p.name}'s memory limit of {mem} MiB (mem_mb; "
+                                f"exit code {rc}); log: {p.log_path}")
+            details.append(f"node {p.name} exited with code {rc}; last log lines "
+                           f"({p.log_path}):\n{p.log_tail()}")
+        if dead:
+            detail = "\n".join(details) or f"node(s) dead: {dead}"
+            raise NodesDead(dead, detail) if exp.recovery.enabled else RunFailed(detail)
+        if why := exp.recovery.stuck():
+            raise RunFailed(f"nodes aborted their round but no node died: {why}")
+
+    def rejections(self) -> dict[str, int]:
+        return self.endpoint.rejections() if self.endpoint is not None else {}
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()

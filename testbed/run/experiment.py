@@ -1,0 +1,472 @@
+"""One experiment run: topology + scheme + config -> a run folder of measured results.
+
+The controller side of sledge. It builds the network, writes one config per node (placement
+from the scheme, data shards from the partition, peer addresses from Mininet), starts a node
+process in every host, drives the rounds over an ipc:// control socket that lives outside the
+emulated network, reads protocol and kernel counters, evaluates from checkpoints, and writes
+every round to disk as it ends. Whatever happens (a node crash, a timeout, Ctrl-C, SIGTERM),
+teardown stops the node processes it started and the Mininet net it built, nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from nodes.compression import make_codec
+from nodes.data import load_dataset
+from nodes.protocol import Plane, Security
+from nodes.schemes import get_scheme
+from testbed.emu.capabilities import probe
+from testbed.emu.loopback import LoopbackNetwork, counter_delta
+from testbed.emu.owned import owned_tmpdir
+from testbed.emu.topolib import Topo
+from testbed.errors import BadInput, ConfigError, NodesDead, RunFailed
+from testbed.plan.config import RunConfig
+from testbed.plan.runplan import PlanError, RunPlan, host_roles, per_host, plan_run
+from testbed.run.control import ControlChannel
+from testbed.run.evaluate import Evaluator
+from testbed.run.hooks import RunHook
+from testbed.run.launcher import Launcher, NodeProcess, make_launcher, stop_all
+from testbed.run.pool import ClientPool
+from testbed.run.preflight import free_port_block, make_run_dir, preflight
+from testbed.run.records import RunDir, console, print_summary, record_line, round_line, summarize
+from testbed.run.recovery import Recovery
+from testbed.run.versions import versions
+
+if TYPE_CHECKING:  # testbed.emu.network imports Mininet: only a Mininet run loads it
+    from testbed.emu.network import Network
+
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _delta(now: dict, before: dict) -> dict:
+    out = {}
+    for k, v in now.items():
+        if isinstance(v, dict):
+            out[k] = _delta(v, before.get(k, {}))
+        elif isinstance(v, (int, float)):
+            out[k] = v - before.get(k, 0)
+    return out
+
+
+class Experiment:
+    runs_scenarios = False  # testbed.scenario.Experiment runs them (a hook)
+
+    def __init__(self, cfg: RunConfig, topo: Topo, *, topology: str = "",
+                 on_round: Callable[[Experiment, int], None] | None = None,
+                 on_start: Callable[[Experiment], None] | None = None,
+                 on_ready: Callable[[Experiment], None] | None = None,
+                 loopback: bool = False, topology_args: dict[str, Any] | None = None,
+                 resume: dict[str, Any] | None = None) -> None:
+        """on_start(exp): called once the network is up, before any node starts (e.g. to
+        start a packet capture); on_ready(exp): every node is up and idle, before round 1;
+        on_round(exp, round): after each round is recorded. topology_args: {"name",
+        "params"} the topology was built with (recorded for `sledge resume`); resume: from
+        testbed.run.recovery.resume_state, continue that run folder. A scenario timeline
+        (cfg.scenario) needs testbed.Experiment (testbed.scenario), which runs it as a hook."""
+        cfg.validate()
+        self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
+        self.on_start, self.on_ready = on_start, on_ready
+        try:  # a bad scheme name or option fails here, before any network is built
+            self.scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
+        except ValueError as e:
+            raise BadInput(f"config field 'scheme': {e}") from None
+        self.loopback = loopback
+        self.caps = probe()
+        self.network: Network | LoopbackNetwork | None = None
+        self.procs: dict[str, NodeProcess] = {}
+        self.node_configs: dict[str, dict] = {}
+        self.rounds: list[dict] = []
+        self.run_dir: RunDir | None = None
+        self._zctx: zmq.Context | None = None
+        self.control = ControlChannel(self)
+        self._plane: Plane | None = None
+        # name -> its CURVE keys for this run (testbed hosts and "controller"); empty: insecure
+        self.security: dict[str, Security] = {}
+        self._ctl_dir: str | None = None
+        self.launcher: Launcher | None = None
+        self.controller: Any = None  # testbed.emu.routing.Controller on Mininet networks
+        self.placement_plan: dict | None = None  # the controller's, when it placed a chain
+        # Device heterogeneity, host -> value (testbed.emu.network.LimitedHost; nodes.context).
+        self.limits: dict[str, dict[str, Any]] = {}
+        # Events and reactions since the last round (events.jsonl), noted in the next round's
+        # record; added under event_lock (a scenario's timer thread adds them too).
+        self.events: list[dict] = []
+        self.event_lock = threading.RLock()
+        # What layers above add to the run (testbed.run.hooks): a scenario's engine.
+        self.hooks: list[RunHook] = []
+        self.scenario: Any = None
+        if cfg.scenario and not self.runs_scenarios:
+            raise BadInput("config field 'scenario': this Experiment runs no scenarios; use "
+                           "testbed.Experiment (testbed.scenario.Experiment)")
+        self.topology_args = topology_args or {}
+        self.resume = resume
+        self.pool = ClientPool(cfg.selection, cfg.seed)  # who takes part in each round
+        self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.run.recovery)
+        try:
+            self.host_roles = host_roles(topo, cfg.roles)
+            for key in ("cpu", "mem_mb"):
+                for h, v in per_host(topo, key, getattr(cfg, key), self.host_roles).items():
+                    self.limits.setdefault(h, {})[key] = v
+            self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles,
+                                                     self.host_roles)
+        except PlanError as e:
+            raise BadInput(str(e)) from None
+        try:  # model, cuts, data set and its files, link parameters: before anything starts
+            preflight(cfg, topo)
+        except ConfigError as e:
+            raise BadInput(str(e)) from e
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _plan(self) -> RunPlan:
+        try:
+            plan = plan_run(self.cfg, self.scheme, self.topo, self.host_roles, self.limits,
+                            self.cycles, run_id=self.run_id,
+                            control=f"ipc://{self._ctl_dir}/control", ip=self.network.ip,
+                            checkpoint=lambda h: self.run_dir.file("ckpt", f"{h}.pt"),
+                            topology=self.topology)
+        except PlanError as e:
+            raise BadInput(str(e)) from None
+        self.plan = plan
+        self.roles, self.placement, self.placement_plan = (plan.roles, plan.placement,
+                                                           plan.placement_plan)
+        self.parts, self.model_kwargs, self.iters = plan.parts, plan.model_kwargs, plan.iters
+        self.data_links, self.shard_info = plan.data_links, plan.shard_info
+        return plan
+
+    def _secure(self) -> None:
+        """A keypair for every host of the topology and for the controller, each node's own
+        in its config with everyone's public keys (a spare host a migration starts later has
+        its keys already). Node config files are written readable by root only."""
+        if self.cfg.insecure:
+            return
+        speaks = {n: sorted(c["proxies"]) for n, c in self.node_configs.items()
+                  if c.get("proxies")}
+        self.security = {n: replace(sec, speaks_as=speaks) for n, sec in
+                         Security.for_run([*self.topo.hosts(), "controller"]).items()}
+        for n, nc in self.node_configs.items():
+            nc["security"] = self.security[n].to_dict()
+
+    def rejections(self, bye: dict[str, Any] | None = None) -> dict[str, dict[str, int]]:
+        """Everything refused from start to stop, by process and reason: each node's count as
+        its BYE says (start-up and shutdown included), and the controller's control socket."""
+        out = {n: dict(m.get("proto", {}).get("rejected", {})) for n, m in (bye or {}).items()}
+        if mine := self.control.rejections():
+            out["controller"] = mine
+        return {n: r for n, r in out.items() if r}
+
+    def _resolved_config(self) -> dict:
+        net = self.network
+        return {
+            "run": self.run_id, "config": self.cfg.to_dict(), "topology": self.topology,
+            "topology_args": self.topology_args, "loopback": self.loopback,
+            "roles": self.roles,
+            "capabilities": self.caps.to_dict(), "versions": versions(),
+            "network": net.kind, "hosts": net.describe_hosts(),
+            "links": net.link_params(), "not_applied": net.not_applied,
+            "placement": self.placement, "placement_plan": self.placement_plan,
+            "routes": self._routes(),
+            "scenario": self.scenario.to_dict() if self.scenario is not None else None,
+            "iters_per_round": self.iters, "model": self.model_kwargs,
+            "limits": self.limits, "cycles": self.cycles,
+            "shards": self.shard_info,
+            "connections": {n: {"listen": c.get("listen"), "peers": c["peers"],
+                                **({"proxies": c["proxies"]} if c.get("proxies") else {})}
+                            for n, c in self.node_configs.items()},
+        }
+
+    # -- control --------------------------------------------------------------------------------
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        for hook in self.hooks:
+            hook.validate(self)
+        if not self.loopback:
+            try:  # the one place a run needs Mininet: checked before anything is made
+                import testbed.emu.network  # noqa: F401
+            except ImportError as e:
+                raise BadInput(f"a Mininet network needs Debian's mininet package ({e}); "
+                               f"without it, run with --loopback") from e
+        if self.loopback:  # nodes share 127.0.0.1: their ports must be free there
+            try:
+                cfg.port = free_port_block(cfg.port, len(self.topo.hosts()))
+            except ConfigError as e:
+                raise BadInput(str(e)) from e
+        self.run_dir = (RunDir.existing(self.resume["path"]) if self.resume
+                        else self._new_run_dir())
+        self.run_id = os.path.basename(self.run_dir.path)
+        self._t_start = time.perf_counter()
+        old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        if not self.loopback:  # how links are emulated: nothing of it applies on loopback
+            for line in self.caps.describe():
+                console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
+        try:
+            self._ctl_dir = owned_tmpdir("ctl")
+            if self.loopback:
+                console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1 "
+                              f"(ports from {cfg.port})")
+                self.network = LoopbackNetwork(self.topo, self.caps)
+                if self.limits:
+                    console.print(f"[yellow]loopback network: cpu and mem_mb are NOT applied "
+                                  f"({self.limits})")
+            else:
+                from testbed.emu.network import build_network
+
+                self.network = build_network(self.topo, self.caps,
+                                             link_backend=cfg.link_backend, limits=self.limits)
+            for item in self.network.not_applied if not self.loopback else ():
+                console.print(f"[yellow]not applied on link {item['link']}: "
+                              + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
+            self.node_configs = self._plan().configs
+            self._secure()
+            for nc in self.node_configs.values():
+                nc["heartbeat_s"] = cfg.heartbeat_s
+            if not self.loopback:
+                self._install_routes()
+                if cfg.linkcheck:
+                    self._linkcheck()
+            if not self.resume:  # a resumed run keeps its config.json
+                self.run_dir.write_json("config.json", self._resolved_config())
+            test = load_dataset(cfg.dataset, "test", root=cfg.data_root, limit=cfg.test_limit,
+                                seed=cfg.seed)
+            evaluator = Evaluator(self.model_kwargs, cfg.cuts, test,
+                                  codec=make_codec(cfg.compression, cfg.seed)) \
+                if cfg.evaluate else None
+            self._zctx = zmq.Context()
+            hosts = self.topo.hosts()
+            self._plane = Plane(self._zctx, self.run_id, self.security.get("controller"),
+                                max_connections=2 * len(hosts) + 8)
+            self.control.open(self._plane,
+                              self.node_configs[next(iter(self.node_configs))]["control"], hosts)
+            if self.on_start:
+                self.on_start(self)
+            self.launcher = make_launcher(cfg.launcher)
+            first = self._resume_start() if self.resume else 1
+            for name, nc in self.node_configs.items():
+                rel = os.path.join("nodes", f"{name}.json")
+                if self.resume:  # from the checkpoint of the last recorded round
+                    rel = os.path.join("resume", f"{name}.json")
+                    nc = {**nc, "restore_round": first - 1}
+                path = self.run_dir.file(rel)
+                self.run_dir.write_node_config(rel, nc)
+                self.procs[name] = self.launcher.start(self.network.host(name), path,
+                                                       self.run_dir.file("logs", f"{name}.log"))
+            self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
+            with console.status("starting nodes"):
+                hello = self.control.collect("HELLO", 0, cfg.start_timeout_s, "start-up")
+            startup_s = time.perf_counter() - self._t_start
+            # Round 1's traffic is counted from here: the data-plane HELLOs are start-up.
+            self.control.startup_proto = {n: m.get("proto", {}) for n, m in hello.items()}
+            for rec in self.rounds:  # recorded before a resume: counters restart from here
+                rec["_proto"] = self.control.startup_proto
+            if self.on_ready:
+                self.on_ready(self)
+            for rnd in range(first, cfg.rounds + 1):
+                for hook in self.hooks:
+                    hook.before_round(self, rnd)
+                self._round(rnd, evaluator)
+                for hook in self.hooks:
+                    hook.after_round(self, rnd)
+            for hook in self.hooks:
+                hook.finish(self)
+            self.control.broadcast(0, cmd="stop")
+            bye = self.control.collect("BYE", 0, 60, "shutdown")
+            for p in self.procs.values():
+                p.wait(30)
+            summary = summarize(self.rounds, planned=cfg.rounds)
+            summary["rejected"] = self.rejections(bye)
+            # total_s sums the rounds; these are the run as a user waits for it.
+            summary["wall_s"] = time.perf_counter() - self._t_start
+            summary["startup_s"] = startup_s
+            summary["recovery"] = self.recovery.summary([r["round"] for r in self.rounds],
+                                                        cfg.rounds)
+            summary["status"] = "ok"
+            self.run_dir.write_json("summary.json", summary)
+            self._plot()
+            print_summary(summary, str(self.run_dir.path))
+            return summary
+        except KeyboardInterrupt:
+            console.print("[red]interrupted: tearing down")
+            self._finish_failed("interrupted", "interrupted (Ctrl-C or SIGTERM)")
+            raise
+        except BaseException as e:
+            self._finish_failed("failed", f"{type(e).__name__}: {e}" if not isinstance(
+                e, RunFailed) else str(e))
+            raise
+        finally:
+            self._teardown()
+            signal.signal(signal.SIGTERM, old_term)
+
+    def _new_run_dir(self) -> RunDir:
+        try:
+            return make_run_dir(self.cfg.out_dir, self.cfg.name)
+        except ConfigError as e:
+            raise BadInput(str(e)) from e
+
+    def _finish_failed(self, status: str, reason: str) -> None:
+        """A run that did not finish leaves no unmarked folder: summary.json says why, with
+        what it measured; a new run that never started a node (nothing measured, nothing to
+        resume) leaves no folder at all."""
+        if self.run_dir is None or self.run_dir.path is None:
+            return
+        if not self.resume and not self.procs and not self.rounds:
+            shutil.rmtree(self.run_dir.path, ignore_errors=True)
+            return
+        summary: dict[str, Any] = {}
+        if self.rounds:
+            with suppress(Exception):
+                summary = summarize(self.rounds, planned=self.cfg.rounds)
+        summary.update(status=status, reason=reason, rejected=self.rejections())
+        with suppress(OSError):  # a full disk must not hide the error that ended the run
+            self.run_dir.write_json("summary.json", summary)
+
+    def _resume_start(self) -> int:
+        """The first round to run when resuming; the recorded ones count as done."""
+        self.rounds = [dict(r) for r in self.resume["rounds"]]
+        first = self.resume["from_round"] + 1
+        self.log_event({"kind": "resume", "from_round": first - 1, "time": time.time()})
+        return first
+
+    def _round(self, rnd: int, evaluator: Evaluator | None) -> None:
+        before = self.network.counters()
+        t0 = time.perf_counter()
+        attempts = 0
+        members, choice = self.pool.choose(
+            self.roles["client"], {c: i["samples"] for c, i in self.shard_info.items()})
+        while True:  # a node dying mid-round makes the round redo (testbed.run.recovery)
+            attempts += 1
+            self.control.broadcast(rnd, cmd="round", iters=self.iters,
+                            **({"clients": members} if members is not None else {}))
+            try:
+                with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
+                    reports = self.control.collect("REPORT", rnd, self.cfg.round_timeout_s,
+                                            f"round {rnd}")
+                break
+            except NodesDead as e:
+                console.print(f"[yellow]round {rnd}: {sorted(e.dead)} dead ({e.dead}); "
+                              f"restarting from round {rnd - 1}'s checkpoints")
+                try:
+                    restarted = self.recovery.recover(rnd, e.dead)
+                except NodesDead as again:
+                    raise RunFailed(f"round {rnd}: a node died during recovery: {again}") from None
+                self.control.rebase(restarted)
+        wall = time.perf_counter() - t0
+        self.pool.observe(reports)
+        ifaces = counter_delta(self.network.counters(), before)
+        prev = self.control.baseline()
+        nodes = {}
+        for n, rep in reports.items():
+            d = _delta(rep["proto"], prev.get(n, {}))
+            # Everything a node reports (compute, scheme counters, received tensor names...)
+            # except what is summed into the round's loss or turned into per-round deltas.
+            own = {k: v for k, v in rep.items() if k not in ("proto", "loss_sum", "loss_n")}
+            nodes[n] = {**own, **d}
+        loss_n = sum(r["loss_n"] for r in reports.values())
+        rec = {"round": rnd, "time": time.time(), "wall_s": wall, "iters": self.iters,
+               "train_loss": sum(r["loss_sum"] for r in reports.values()) / max(loss_n, 1),
+               "nodes": nodes, "interfaces": ifaces}
+        if attempts > 1:
+            rec["attempts"] = attempts
+        if choice:
+            rec["selection"] = choice
+        if self.pool.absent:
+            rec["absent"] = sorted(self.pool.absent)
+        with self.event_lock:  # the scenario timer may be adding one
+            if self.events:
+                rec["events"], self.events = self.events, []
+        if evaluator:
+            ckpts = {n: c["checkpoint"] for n, c in self.node_configs.items()}
+            per_client = evaluator.evaluate(ckpts, self.parts)
+            rec["test_acc_per_client"] = per_client
+            rec["test_acc"] = sum(per_client.values()) / len(per_client)
+        self.run_dir.append("rounds.jsonl", rec)
+        self.rounds.append({**rec, "_proto": {n: r["proto"] for n, r in reports.items()}})
+        console.print(round_line(rec, self.cfg.rounds))
+        if self.on_round:
+            self.on_round(self, rnd)
+
+    def log_event(self, rec: dict[str, Any]) -> None:
+        """An event, reaction or link state: events.jsonl, and (except position samples)
+        the record of the round it happens in (or the next one, between rounds)."""
+        rec = {**rec, "time": time.time()}
+        with self.event_lock:
+            if rec.get("kind") != "position":
+                self.events.append(rec)
+            self.run_dir.append("events.jsonl", rec)
+        if line := record_line(rec):
+            console.print(f"[cyan]scenario: {line}")
+
+    def _plot(self) -> None:
+        from testbed.run.records import plot_rounds
+
+        try:
+            plot_rounds(self.run_dir.path)
+        except Exception as e:  # a plot must not fail a finished run
+            console.print(f"[yellow]rounds.png not written: {e}")
+
+    def _install_routes(self) -> None:
+        """The controller's host routes, before any node starts: between the hosts that talk
+        on the data plane (the scheme's (dealer, router) pairs, hop by hop along chains), or
+        all hosts (cfg.routes). On an L2 tree they pin what the switches would do anyway; on
+        a routed topology (mesh) nothing crosses without them."""
+        from testbed.emu.routing import Controller, RouteError
+
+        if self.cfg.routes == "off":
+            return
+        self.controller = Controller(self.network, metric=self.cfg.route_metric,
+                                     echo=console.print)
+        pairs = None if self.cfg.routes == "all" else self.data_links
+        try:
+            self.controller.install(pairs)
+        except RouteError as e:
+            raise RunFailed(f"topology {self.topology!r}: {e}") from None
+
+    def _routes(self) -> dict | None:
+        ctl = self.controller
+        if ctl is None:
+            return None
+        # Interface names per directed hop, to read the kernel counters of a path's hops.
+        return {**ctl.state, "interfaces": {f"{a}->{b}": i for (a, b), i in ctl.intfs.items()}}
+
+    def _linkcheck(self) -> None:
+        from testbed.emu.linkcheck import format_rows, linkcheck
+
+        with console.status("linkcheck: measuring every path"):
+            rows = linkcheck(self.network, pings=50, iperf_s=2.0)
+        self.run_dir.write_json("linkcheck.json", rows)
+        console.print(format_rows(rows))
+        bad = [r["pair"] for r in rows if not r["ok"]]
+        if bad:
+            console.print(f"[yellow]linkcheck: outside tolerance: {', '.join(bad)}")
+
+    def _teardown(self) -> None:
+        for hook in self.hooks:  # e.g. no link change while the network goes
+            with suppress(Exception):
+                hook.stop(self)
+        stop_all(list(self.procs.values()))
+        if self.launcher:
+            with suppress(Exception):
+                self.launcher.close()
+        self.control.close()
+        if self._plane:
+            self._plane.close()
+        if self._zctx:
+            self._zctx.term()
+        if self.network:
+            with suppress(Exception):
+                self.network.stop()
+        if self._ctl_dir:
+            shutil.rmtree(self._ctl_dir, ignore_errors=True)
