@@ -54,3 +54,22 @@ def test_expected_path_adds_delays_both_ways_and_takes_the_slowest_rate():
     assert e["rtt_ms"] == pytest.approx(12.0 + ser)
     assert e["bw_mbit"] == 10
     assert e["rtt_loss"] == pytest.approx(1 - 0.9 * 0.9)
+
+
+def test_one_translation_to_tc_for_declaration_netem_and_changes():
+    """Declaring a link (to_mininet), building it with netem (tc_kwargs) and changing it at run
+    time (netem_args) read the same fields the same way: queue in packets rounded up, delay
+    and loss in one format, and back through from_mininet to the same model."""
+    p = LinkParams.from_mininet(bw=10, delay="2.5ms", jitter="1ms", loss=1.5,
+                                max_queue_size=3, bw_down=20)
+    p = LinkParams.from_dict({**p.to_dict(), "up": {**p.up.to_dict(), "queue_bytes": 3001}})
+    up = p.up.tc_kwargs(always_delay=True)
+    assert up == {"bw": 10, "delay": "2.5ms", "jitter": "1ms", "loss": 1.5,
+                  "max_queue_size": 3}                 # 3001 bytes: 3 packets of 1500, rounded up
+    assert p.up.netem_args() == "delay 2.5ms 1ms loss 1.50000% limit 3"
+    assert p.to_mininet()["max_queue_size"] == up["max_queue_size"]  # down: 4500 B, also 3
+    quiet = LinkParams.from_mininet(bw=5).up
+    assert "delay" not in quiet.tc_kwargs() and quiet.tc_kwargs(always_delay=True)["delay"] == "0ms"
+    assert quiet.netem_args() == "delay 0ms 0ms loss 0.00000%"
+    again = LinkParams.from_mininet(**LinkParams.from_mininet(**p.to_mininet()).to_mininet())
+    assert again.to_mininet() == p.to_mininet()

@@ -10,12 +10,12 @@ import pytest
 
 from testbed import Experiment
 from testbed.emu import linkops
-from testbed.scenario import engine as sc
 from testbed.emu.topology import load_topology
 from testbed.errors import RunFailed
 from testbed.plan.config import RunConfig
 from testbed.plan.latency import path_gain
 from testbed.plan.mobility import BaseStation, Mobility, Radio, waypoint_samples
+from testbed.scenario import engine as sc
 from testbed.scenario.engine import ScenarioRunner
 from testbed.scenario.timeline import Kill, LinkDown, Move, Scenario, ScenarioError, SetLink
 

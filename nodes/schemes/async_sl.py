@@ -56,6 +56,7 @@ def staleness_weight(tau: int, fn: str, a: float, b: float) -> float:
 
 class AsyncSL(SplitScheme):
     name = "async_sl"
+    label = "Async SL"
     options = {**SplitScheme.options, "staleness_policy": "none", "tau_max": 4,
                "staleness_fn": "polynomial", "staleness_a": 0.5, "staleness_b": 4.0,
                "client_mix": "none", "mix_alpha": 0.5}

@@ -15,6 +15,7 @@ relays (`chain_placement`) and says what a relay does in a round (`relay_round`)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -26,6 +27,10 @@ Roles = dict[str, list[str]]
 
 class Scheme:
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # how tables and plots name it (default: `name`)
+    # The analytic model that prices one iteration (testbed.plan.latency: psl_epsl, sflv1,
+    # sflv2, vanilla_sl, ushaped); None: the scheme has none. See latency_model().
+    latency: ClassVar[str | None] = None
     roles: ClassVar[tuple[str, ...]] = ("client", "server")
     # Option name -> default; unknown options are rejected by name, and a value must have
     # the default's type. Design decisions the spec marks [D] are options.
@@ -60,6 +65,21 @@ class Scheme:
             if key in self.choices and value not in self.choices[key]:
                 raise ValueError(f"scheme {self.name!r}: option {key}={value!r}; valid: "
                                  f"{list(self.choices[key])}")
+
+    # -- what the controller asks of a scheme (it never compares scheme names) ----------------
+    def display(self) -> str:
+        """The scheme and its options as a table row names them, e.g. "EPSL phi=0.5"."""
+        return " ".join([self.label or self.name]
+                        + [f"{k}={v}" for k, v in self.opts.items() if v != self.options[k]])
+
+    def latency_model(self) -> tuple[str, dict[str, Any]] | None:
+        """(model, parameters): which analytic model prices one iteration of this scheme as
+        configured, e.g. ("psl_epsl", {"phi": 0.5}); None: there is none."""
+        return (self.latency, {}) if self.latency else None
+
+    def check_run(self, run: Mapping[str, Any]) -> None:
+        """Refuse, before anything starts, a run configuration (RunConfig's fields) this
+        scheme cannot run: raise ValueError naming the config field."""
 
     # -- placement: data, not code ---------------------------------------------------------
     def placement(self, num_segments: int, roles: Roles) -> dict[str, list[int]]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,11 @@ class SplitScheme(Scheme):
         "u_shaped": False,           # labels and last segment stay on the client (section 3)
         "debug_send_labels": False,  # U-shaped only: leak labels anyway (proves the wire test)
     }
+
+    def latency_model(self) -> tuple[str, dict[str, Any]] | None:
+        if self.opts["u_shaped"] and self.latency:
+            return "ushaped", {}
+        return super().latency_model()
 
     # -- placement ------------------------------------------------------------------------
     def client_segments(self, num_segments: int) -> list[int]:

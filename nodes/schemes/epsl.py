@@ -30,6 +30,8 @@ client in every row, so it goes down as that client's own, in the same two messa
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,6 +80,8 @@ def split_downlink(xgrad: torch.Tensor, k_a: int, scale: float,
 
 class EPSL(PSL):
     name = "epsl"
+    label = "EPSL"
+    latency = "psl_epsl"
     options = {**{k: v for k, v in PSL.options.items() if k != "psl_server_mode"},
                "phi": 0.5, "epsl_bp_mode": "representative", "epsl_bp_compute": "masked"}
     choices = {"client_grad_scale": PSL.choices["client_grad_scale"],
@@ -88,6 +92,17 @@ class EPSL(PSL):
         super().__init__(**opts)
         if not 0.0 <= self.opts["phi"] <= 1.0:
             raise ValueError(f"scheme 'epsl': option phi={self.opts['phi']!r} must be in [0, 1]")
+
+    def latency_model(self) -> tuple[str, dict[str, Any]] | None:
+        name, params = super().latency_model()
+        return name, ({"phi": float(self.opts["phi"])} if name == "psl_epsl" else params)
+
+    def check_run(self, run: Mapping[str, Any]) -> None:
+        method = (run.get("compression") or {}).get("method")
+        if method in ("c3sl", "topk"):
+            raise ValueError(f"config field 'compression': {method} codes each client's rows, "
+                             f"EPSL's shared gradient rows are not any one client's: use method "
+                             f"quant with epsl")
 
     def concatenates(self) -> bool:
         return True

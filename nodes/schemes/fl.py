@@ -22,6 +22,7 @@ from nodes.schemes.weights import (
 
 class FedAvg(Scheme):
     name = "fl"
+    label = "FL"
     options = dict(FEDAVG_OPTIONS)
     choices = dict(FEDAVG_CHOICES)
 

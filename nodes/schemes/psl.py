@@ -21,6 +21,8 @@ from nodes.schemes.common import SplitScheme, gather, serve_fcfs
 
 class PSL(SplitScheme):
     name = "psl"
+    label = "PSL"
+    latency = "psl_epsl"
     options = {**SplitScheme.options, "client_grad_scale": "per_client",
                "psl_server_mode": "concat"}
     choices = {"client_grad_scale": ("per_client", "global_mean"),

@@ -28,6 +28,8 @@ from nodes.schemes.weights import (
 
 class SFLV1(SplitScheme):
     name = "sflv1"
+    label = "SFL-V1"
+    latency = "sflv1"
     roles = ("client", "server", "fedserver")
     options = {**SplitScheme.options, **FEDAVG_OPTIONS}
     choices = dict(FEDAVG_CHOICES)

@@ -18,6 +18,8 @@ from nodes.schemes.sflv1 import SFLV1
 
 class SFLV2(SFLV1):
     name = "sflv2"
+    label = "SFL-V2"
+    latency = "sflv2"
     options = {**SFLV1.options, "v2_order": "fcfs"}
     choices = {**SFLV1.choices, "v2_order": ("fcfs", "random_per_round")}
 

@@ -31,6 +31,8 @@ from nodes.schemes.weights import fingerprint, pack, reset_optimizers, unpack
 
 class VanillaSL(SplitScheme):
     name = "sl"
+    label = "SL"
+    latency = "vanilla_sl"
     options = {**SplitScheme.options, "handoff": "server", "handoff_optimizer_state": False,
                "reset_server_optimizer_each_batch": False}
     choices = {"handoff": ("server", "p2p")}

@@ -59,6 +59,37 @@ class Direction:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    # -- the one translation to Mininet/tc arguments (every backend uses these) ----------------
+    def queue_packets(self) -> int | None:
+        """The queue as tc/Mininet count it, in full-size packets: rounded up, so a queue
+        never holds less than declared (None: no explicit queue)."""
+        if self.queue_bytes is None:
+            return None
+        return max(1, -(-self.queue_bytes // MTU_BYTES))
+
+    def tc_kwargs(self, *, always_delay: bool = False) -> dict[str, Any]:
+        """TCLink's per-interface parameters (bw, delay, jitter, loss in percent,
+        max_queue_size in packets), defaults left out; `always_delay` keeps a netem qdisc
+        (delay 0ms) on the interface so that later changes can `tc qdisc change` it."""
+        out: dict[str, Any] = {}
+        if self.bw_mbit is not None:
+            out["bw"] = self.bw_mbit
+        if self.delay_ms or always_delay:
+            out["delay"] = f"{self.delay_ms:.12g}ms"
+        if self.jitter_ms:
+            out["jitter"] = f"{self.jitter_ms:.12g}ms"
+        if self.loss:
+            out["loss"] = self.loss * 100
+        if (packets := self.queue_packets()) is not None:
+            out["max_queue_size"] = packets
+        return out
+
+    def netem_args(self) -> str:
+        """The netem part of `tc qdisc change ... netem <args>` for this direction."""
+        packets = self.queue_packets()
+        return (f"delay {self.delay_ms:.12g}ms {self.jitter_ms:.12g}ms loss {self.loss * 100:.5f}%"
+                + (f" limit {packets}" if packets is not None else ""))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Direction:
         known = {f.name for f in fields(cls)}
@@ -187,21 +218,7 @@ class LinkParams:
         where both directions agree, `_up` / `_down` keys where they differ, defaults left out
         (so this is for declaring a link, not for `set_link`, which keeps what is left out).
         A queue that is not a whole number of 1500-byte packets is rounded up to one."""
-        def kwargs(d: Direction) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            if d.bw_mbit is not None:
-                out["bw"] = d.bw_mbit
-            if d.delay_ms:
-                out["delay"] = f"{d.delay_ms:.12g}ms"
-            if d.jitter_ms:
-                out["jitter"] = f"{d.jitter_ms:.12g}ms"
-            if d.loss:
-                out["loss"] = d.loss * 100
-            if d.queue_bytes is not None:
-                out["max_queue_size"] = -(-d.queue_bytes // MTU_BYTES)
-            return out
-
-        up, down = kwargs(self.up), kwargs(self.down)
+        up, down = self.up.tc_kwargs(), self.down.tc_kwargs()
         out = {k: v for k, v in up.items() if down.get(k) == v}
         out.update({f"{k}_up": v for k, v in up.items() if k not in out})
         out.update({f"{k}_down": v for k, v in down.items() if k not in out})

@@ -173,7 +173,8 @@ class NetemBackend(LinkBackend):
             for k in list(shaping_params(info)):
                 info.pop(k)
             # TCLink shapes each interface's egress: node1's is "up", node2's is "down".
-            info["params1"], info["params2"] = _tc_params(p.up), _tc_params(p.down)
+            info["params1"] = p.up.tc_kwargs(always_delay=True)
+            info["params2"] = p.down.tc_kwargs(always_delay=True)
         return topo
 
     def start(self, net: Any) -> None:
@@ -189,29 +190,12 @@ class NetemBackend(LinkBackend):
             if d.bw_mbit:
                 intf.tc(f"%s class change dev %s parent 5:0 classid 5:1 htb rate {d.bw_mbit}Mbit "
                         "burst 15k")
-            netem = (f"delay {d.delay_ms}ms {d.jitter_ms}ms loss {d.loss * 100:.5f}%"
-                     + (f" limit {max(1, (d.queue_bytes or 0) // 1500)}" if d.queue_bytes else ""))
             parent = "parent 5:1" if d.bw_mbit else "root"
-            intf.tc(f"%s qdisc change dev %s {parent} handle 10: netem {netem}")
+            intf.tc(f"%s qdisc change dev %s {parent} handle 10: netem {d.netem_args()}")
 
     def set_status(self, key: tuple[str, str], up: bool) -> None:
         for intf in self._intfs(key):
             intf.ifconfig("up" if up else "down")
-
-
-def _tc_params(d: Direction) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if d.bw_mbit:
-        out["bw"] = d.bw_mbit
-    # netem always present on a shaped interface, so later changes can `tc qdisc change` it.
-    out["delay"] = f"{d.delay_ms}ms"
-    if d.jitter_ms:
-        out["jitter"] = f"{d.jitter_ms}ms"
-    if d.loss:
-        out["loss"] = d.loss * 100
-    if d.queue_bytes:
-        out["max_queue_size"] = max(1, d.queue_bytes // 1500)
-    return out
 
 
 class RelayBackend(LinkBackend):

@@ -17,7 +17,7 @@ a cut index l counts client units (cut after unit l, 1-based as in section 13).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
@@ -305,20 +305,36 @@ def setup_of(net: Network, cycles: Mapping[str, float], *, batch: int, eta: floa
     return Setup(clients, cycles[net.server], batch=batch, eta=eta, beta=beta)
 
 
+# The models a scheme may name (nodes.schemes.base.Scheme.latency_model), each from a run's cuts.
+MODELS: dict[str, Callable[..., dict[str, float]]] = {
+    "psl_epsl": lambda p, s, ls, **kw: psl_epsl(p, s, ls[0], **kw),
+    "sflv1": lambda p, s, ls, **kw: sflv1(p, s, ls[0], **kw),
+    "sflv2": lambda p, s, ls, **kw: sflv2(p, s, ls[0], **kw),
+    "vanilla_sl": lambda p, s, ls, **kw: vanilla_sl(p, s, ls[0], **kw),
+    "ushaped": lambda p, s, ls, **kw: ushaped(p, s, ls[0], ls[-1], **kw),
+}
+
+
+def model_of(scheme: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The analytic model a scheme (a run's scheme name and options) says prices it."""
+    from nodes.schemes import get_scheme
+
+    model = get_scheme(scheme, **options).latency_model()
+    if model is None or model[0] not in MODELS:
+        raise ValueError(f"latency model: scheme {scheme!r} has no section-11 model (schemes "
+                         f"that have one: {schemes_with_model()})")
+    return model
+
+
+def schemes_with_model() -> list[str]:
+    from nodes.schemes import REGISTRY
+
+    return sorted(n for n, cls in REGISTRY.items() if cls.latency)
+
+
 def predict(scheme: str, options: Mapping[str, Any], p: Profile, s: Setup,
             cuts: Sequence[str]) -> dict[str, float]:
     """Seconds per iteration of `scheme` (a run's scheme name and options) at `cuts`."""
     ls = [p.cut(c) for c in cuts]
-    if options.get("u_shaped"):
-        return ushaped(p, s, ls[0], ls[-1])
-    if scheme in ("psl", "epsl"):
-        return psl_epsl(p, s, ls[0], float(options.get("phi", 0.0)) if scheme == "epsl"
-                        else 0.0)
-    if scheme == "sflv1":
-        return sflv1(p, s, ls[0])
-    if scheme == "sflv2":
-        return sflv2(p, s, ls[0])
-    if scheme == "sl":
-        return vanilla_sl(p, s, ls[0])
-    raise ValueError(f"latency model: no section-11 model for scheme {scheme!r} "
-                     "(psl, epsl, sflv1, sflv2, sl)")
+    name, params = model_of(scheme, options)
+    return MODELS[name](p, s, ls, **params)

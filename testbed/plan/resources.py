@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from testbed.plan.latency import Network, Profile, Setup, psl_epsl, setup_of
+from testbed.plan.latency import Network, Profile, Setup, model_of, psl_epsl, setup_of
 
 Hop = tuple[str, str]
 Shares = dict[Hop, dict[str, float]]
@@ -282,7 +282,11 @@ def allocate_run(topo: Any, cfg: Any, mode: str,
 
     from testbed.plan.runplan import host_roles, per_host
 
-    if cfg.scheme not in ("psl", "epsl") or len(cfg.cuts) != 1 or cfg.tiers:
+    try:
+        model, terms = model_of(cfg.scheme, cfg.scheme_options)
+    except ValueError:
+        model, terms = None, {}
+    if model != "psl_epsl" or len(cfg.cuts) != 1 or cfg.tiers:
         raise ValueError("--allocate: the resource manager models two-tier PSL/EPSL rounds "
                          f"(scheme {cfg.scheme!r}, cuts {cfg.cuts}, tiers {cfg.tiers})")
     roles = host_roles(topo, cfg.roles)
@@ -298,7 +302,7 @@ def allocate_run(topo: Any, cfg: Any, mode: str,
     net = network_of(topo, clients, servers[0])
     man = Manager(net, Profile.of(cfg.model, cfg.dataset), cycles, batch=cfg.batch_size,
                   eta=cfg.flops_per_cycle, beta=cfg.backward_flops_factor,
-                  phi=float(cfg.scheme_options.get("phi", 0.0)) if cfg.scheme == "epsl" else 0.0)
+                  phi=float(terms.get("phi", 0.0)))
     if mode == "on-demand":
         per = {c: on_demand(man, c, *man.cell_hops())["total"] for c in man.cuts}
         cut = min(per, key=per.get)

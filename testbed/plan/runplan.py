@@ -144,10 +144,6 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
                              "compute": {**compute, "cycles_per_s": cycles.get(name)},
                              "checkpoint": checkpoint(name)}
     if cfg.compression:  # every node packs and unpacks what crosses its cuts
-        if cfg.scheme == "epsl" and cfg.compression.get("method") in ("c3sl", "topk"):
-            raise PlanError(f"config field 'compression': {cfg.compression['method']} codes "
-                            f"each client's rows, EPSL's shared gradient rows are not any one "
-                            f"client's: use method quant with epsl")
         for nc in configs.values():
             nc["compression"] = cfg.compression
     own = per_host(topo, "client_weights", cfg.client_weights, roles_of)

@@ -38,8 +38,6 @@ from testbed.run.records import read_rounds
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = "topologies/cellular.py"
 DEFAULT_SCHEMES = ("fl", "sl", "sflv1", "sflv2", "psl", "epsl:phi=0.5", "epsl:phi=1")
-DISPLAY = {"fl": "FL", "sl": "SL", "sflv1": "SFL-V1", "sflv2": "SFL-V2", "psl": "PSL",
-           "epsl": "EPSL"}
 MIB = 1 << 20
 
 
@@ -58,10 +56,11 @@ def parse_spec(text: str) -> Spec:
     name, _, opts = text.strip().partition(":")
     options = parse_params([o for o in opts.split(",") if o], "--schemes")
     try:
-        get_scheme(name, **options)
+        scheme = get_scheme(name, **options)
     except ValueError as e:
         raise ConfigError(f"--schemes {text!r}: {e}") from None
-    label = " ".join([DISPLAY.get(name, name)] + [f"{k}={v}" for k, v in options.items()])
+    # as the scheme names itself (its label), with the options given
+    label = " ".join([scheme.label or name] + [f"{k}={v}" for k, v in options.items()])
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", "-".join([name] + [f"{k}{v}" for k, v in
                                                              options.items()]))
     return Spec(name, options, label, slug)

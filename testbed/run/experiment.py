@@ -84,6 +84,10 @@ class Experiment:
             self.scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
         except ValueError as e:
             raise BadInput(f"config field 'scheme': {e}") from None
+        try:  # what this scheme cannot run (e.g. EPSL with per-client compression)
+            self.scheme.check_run(cfg.to_dict())
+        except ValueError as e:
+            raise BadInput(str(e)) from None
         self.loopback = loopback
         self.caps = probe()
         self.network: Network | LoopbackNetwork | None = None
