@@ -71,9 +71,9 @@ class Heartbeat(threading.Thread):
 
 def start_heartbeat(ctx: NodeContext, zctx: zmq.Context, config: dict[str, Any]
                     ) -> Heartbeat | None:
-    """Start the node's heartbeat (config `heartbeat_s`; none when absent) and make the data
-    plane's waits abortable by it."""
-    interval = config.get("heartbeat_s")
+    """Start the node's heartbeat (config `fault.heartbeat_s`; none without a fault section)
+    and make the data plane's waits abortable by it."""
+    interval = config["fault"]["heartbeat_s"] if config.get("fault") else None
     if not interval:
         return None
     hb = Heartbeat(ctx.plane, ctx.name, config["control"], float(interval), ctx.epoch)

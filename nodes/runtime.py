@@ -34,6 +34,7 @@ from nodes.models import build_model, split_model, unit_stats
 from nodes.protocol import Interrupted, Plane
 from nodes.schemes import get_scheme
 from nodes.selection import take_part
+from nodes.settings import Timeouts, Train
 
 log = logging.getLogger("sledge.node")
 PR_SET_PDEATHSIG = 1
@@ -57,7 +58,10 @@ def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
     model = build_model(**config["model"], seed=config.get("seed", 0))
     segments = split_model(model, config["cuts"])
     held = {i: segments[i] for i in config["segments"]}
-    lr, momentum = config.get("lr", 0.05), config.get("momentum", 0.0)
+    # The shared sections (nodes.settings): their defaults are the run config's own.
+    train = Train.model_validate(config.get("train") or {})
+    timeouts = Timeouts.model_validate(config.get("timeouts") or {})
+    lr, momentum = train.lr, train.momentum
     optimizers = {i: torch.optim.SGD(s.parameters(), lr=lr, momentum=momentum)
                   for i, s in held.items() if any(True for _ in s.parameters())}
     data = None
@@ -81,11 +85,11 @@ def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
         name=name, role=config["role"], run=run, segments=held, optimizers=optimizers,
         roles={r: list(h) for r, h in config["roles"].items()}, router=router,
         placement={n: list(s) for n, s in config.get("placement", {}).items()},
-        peers=peers, proxies=proxies, data=data, batch_size=config.get("batch_size", 32),
+        peers=peers, proxies=proxies, data=data, batch_size=train.batch_size,
         seed=config.get("seed", 0) * 1000 + config.get("index", 0),
         run_seed=config.get("seed", 0), num_segments=len(segments),
         shard_sizes=dict(config.get("shards", {})),
-        step_timeout_s=config.get("step_timeout_s", 300.0), ckpt_path=config.get("checkpoint"),
+        step_timeout_s=timeouts.step_s, ckpt_path=config.get("checkpoint"),
         compute_model=ComputeModel(float(compute["cycles_per_s"]),
                                    float(compute.get("flops_per_cycle", 1.0)))
         if compute.get("cycles_per_s") else None, plane=plane)
@@ -122,7 +126,7 @@ def run_node(config: dict[str, Any]) -> int:
             ctx.checkpoint(0)  # what a failure in round 1 rolls back to
         hb = start_heartbeat(ctx, zctx, config)
         open_data_plane(ctx, list(config.get("accept", [])),
-                        float(config.get("start_timeout_s", 180.0)))
+                        Timeouts.model_validate(config.get("timeouts") or {}).start_s)
         # The data-plane bytes so far (the HELLOs) belong to start-up, not to round 1.
         control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role,
                                     "proto": ctx.proto_stats()})

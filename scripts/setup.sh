@@ -46,4 +46,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   $PY -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
-$PY -c "import mininet.net, torch, zmq, msgpack" || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }
+$PY -c "import mininet.net, torch, zmq, msgpack, pydantic" || { echo "setup: the venv cannot import its dependencies" >&2; exit 1; }

@@ -123,7 +123,7 @@ CASES = [
     ("topology-syntax-error", ["run", "TMP/syntax.py", *FAST], 2, "syntax.py, line 2"),
     ("topology-raises-on-import", ["run", "TMP/raises.py", *FAST], 2, "raises.py, line 2"),
     ("topology-build-raises", ["run", "TMP/build.py", *FAST], 2, "build.py, line 5"),
-    ("mnist-no-data-root", ["run", TINY, *FAST, "--dataset", "mnist"], 2, "'data_root'"),
+    ("mnist-no-data-root", ["run", TINY, *FAST, "--dataset", "mnist"], 2, "'data.root'"),
     ("mnist-wrong-data-root", ["run", TINY, *FAST, "--dataset", "mnist", "--data-root", "TMP"],
      2, "train-images-idx3-ubyte"),
     ("cifar10-wrong-data-root", ["run", TINY, *FAST, "--dataset", "cifar10", "--data-root",
@@ -134,15 +134,15 @@ CASES = [
     ("scenario-bad-event", ["scenario", "TMP/events.yaml", TINY], 2, "events[0]"),
     ("run-scenario-bad-event", ["run", TINY, *FAST, "--scenario", "TMP/events.yaml"], 2,
      "events[0]"),
-    ("unknown-dataset", ["run", TINY, *FAST, "--dataset", "foo"], 2, "'dataset'"),
-    ("out-is-a-file", ["run", TINY, *FAST, "--out", "TMP/syntax.py"], 2, "'out_dir'"),
-    ("unknown-cut", ["run", TINY, *FAST, "--cut", "nosuchlayer"], 2, "'cuts'"),
+    ("unknown-dataset", ["run", TINY, *FAST, "--dataset", "foo"], 2, "'data.dataset'"),
+    ("out-is-a-file", ["run", TINY, *FAST, "--out", "TMP/syntax.py"], 2, "'run.out_dir'"),
+    ("unknown-cut", ["run", TINY, *FAST, "--cut", "nosuchlayer"], 2, "'model.cuts'"),
     ("negative-bandwidth-loopback", ["run", TINY, *FAST, "-p", "bw=-1"], 2, "bw=-1"),
     ("bad-delay-loopback", ["run", TINY, *FAST, "-p", "delay=abc"], 2, "delay='abc'"),
-    ("unknown-model", ["run", TINY, *FAST, "--model", "nope"], 2, "'model'"),
-    ("unknown-scheme", ["run", TINY, *FAST, "--scheme", "nope"], 2, "'scheme'"),
+    ("unknown-model", ["run", TINY, *FAST, "--model", "nope"], 2, "'model.name'"),
+    ("unknown-scheme", ["run", TINY, *FAST, "--scheme", "nope"], 2, "'scheme.name'"),
     ("compare-unknown-dataset", ["compare", TINY, "--dataset", "foo", "--schemes", "psl"], 2,
-     "'dataset'"),
+     "'data.dataset'"),
     ("resume-truncated-checkpoint", ["resume", "RUN"], 2, "ckpt/c1.pt"),
     ("resume-garbage-checkpoint", ["resume", "RUN"], 2, "ckpt/c1.pt"),
     ("resume-corrupt-middle-line", ["resume", "RUN"], 2, "rounds.jsonl, line 1"),
@@ -180,7 +180,7 @@ def test_unwritable_out_dir_is_named(tmp_path, tmpfs):
     r = sledge("run", TINY, *FAST, "--out", str(mnt / "runs"))
     line = one_clean_line(r.stderr)
     assert r.returncode == 2
-    assert "'out_dir'" in line and "Read-only file system" in line, line
+    assert "'run.out_dir'" in line and "Read-only file system" in line, line
 
 
 def test_full_disk_says_so_by_name_and_marks_the_run_failed(tmp_path, tmpfs):

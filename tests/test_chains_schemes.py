@@ -49,8 +49,8 @@ def test_each_scheme_trains_over_the_chain(scheme_run):
 @pytest.mark.net
 def test_the_relay_and_the_cloud_train_their_segments(scheme_run):
     name, config, rounds, ckpt, concat = scheme_run
-    init = split_model(build_model(**config["model"], seed=config["config"]["seed"]),
-                       config["config"]["cuts"])
+    init = split_model(build_model(**config["model"], seed=config["config"]["run"]["seed"]),
+                       config["config"]["model"]["cuts"])
     for node in ("edge1", "cloud"):
         for seg, state in ckpt[node].items():
             start = init[int(seg)].state_dict()

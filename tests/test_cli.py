@@ -14,12 +14,17 @@ from testbed.plan.config import RunConfig
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "topologies", "tiny.py")
 
 
-@pytest.mark.parametrize("field,value", [("rounds", 0), ("batch_size", -1), ("lr", 0),
-                                         ("partition", "zipf"), ("cuts", []), ("momentum", 1.5),
-                                         ("name", "a b")])
-def test_bad_config_value_names_the_field(field, value):
-    with pytest.raises(ConfigError, match=repr(field)):
-        RunConfig.from_dict({field: value})
+@pytest.mark.parametrize("field,value", [("run.rounds", 0), ("train.batch_size", -1),
+                                         ("train.lr", 0), ("data.partition", "zipf"),
+                                         ("model.cuts", []), ("train.momentum", 1.5),
+                                         ("run.name", "a b")])
+def test_bad_config_value_names_the_dotted_field(field, value):
+    """Given flat (the command line's names), dotted or nested, the error names the field."""
+    section, name = field.split(".")
+    flat = {"model.cuts": "cuts", "run.name": "name"}.get(field, name)
+    for given in ({flat: value}, {field: value}, {section: {name: value}}):
+        with pytest.raises(ConfigError, match=repr(field)):
+            RunConfig.from_dict(given)
 
 
 def test_unknown_config_field_is_named():
@@ -42,5 +47,5 @@ def test_unknown_topology_parameter_is_named():
 
 def test_cli_exits_2_with_the_field_named(capsys):
     assert main(["run", TINY, "--rounds", "0"]) == 2
-    assert "'rounds'" in capsys.readouterr().err
+    assert "'run.rounds'" in capsys.readouterr().err
     assert main(["run", "/nonexistent/topo.py"]) == 2

@@ -11,7 +11,7 @@ import torch
 
 from nodes.context import ComputeModel
 from nodes.runtime import build_context
-from testbed.cli.main import build_parser, config_from_args
+from testbed.cli.main import build_parser, prepared
 from testbed.emu.topology import load_topology
 from testbed.errors import ConfigError
 from testbed.plan.config import RunConfig
@@ -98,13 +98,14 @@ def test_run_level_values_override_the_topology_host_first_then_role():
                                               ("mem_mb", {"c1": 0.5}), ("cycles", {"c1": -1}),
                                               ("flops_per_cycle", 0)])
 def test_bad_heterogeneity_values_name_the_field(field, value):
-    with pytest.raises(ConfigError, match=repr(field)):
+    with pytest.raises(ConfigError, match=f"'devices[.]{field}"):
         RunConfig.from_dict({field: value})
 
 
 def test_cli_flags_set_heterogeneity_per_host_or_role():
     a = build_parser().parse_args(["run", TINY, "--cpu", "c1=0.1", "--mem-mb", "client=256",
                                    "--cycles", "server=7e9", "--flops-per-cycle", "16"])
-    cfg = config_from_args(a, "tiny")
-    assert (cfg.cpu, cfg.mem_mb, cfg.cycles) == ({"c1": 0.1}, {"client": 256}, {"server": 7e9})
-    assert cfg.flops_per_cycle == 16
+    cfg = prepared(a).cfg
+    assert (cfg.devices.cpu, cfg.devices.mem_mb, cfg.devices.cycles) == (
+        {"c1": 0.1}, {"client": 256}, {"server": 7e9})
+    assert cfg.devices.flops_per_cycle == 16

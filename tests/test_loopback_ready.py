@@ -83,7 +83,7 @@ def test_taken_port_is_replaced_by_a_free_one_and_no_mininet_lines(tmp_path):
                    "--out", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stderr
     (run,) = (tmp_path / "runs").iterdir()
-    chosen = json.loads((run / "config.json").read_text())["config"]["port"]
+    chosen = json.loads((run / "config.json").read_text())["config"]["net"]["port"]
     assert chosen != port
     assert f"ports from {chosen}" in r.stdout
     assert not [ln for ln in r.stdout.splitlines() if any(m in ln for m in MININET_ONLY)], \

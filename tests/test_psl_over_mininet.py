@@ -61,6 +61,33 @@ def test_psl_trains_over_mininet_and_writes_results(psl_run):
         assert r["wall_s"] > 0 and r["nodes"]["c1"]["compute_s"] > 0
 
 
+def test_the_runs_experiment_yaml_reproduces_it_bit_for_bit(psl_run, tmp_path, no_leaks):
+    """`sledge run runs/<run>/experiment.yaml` is the same experiment: the same losses and
+    accuracies every round and the same weights in every checkpoint, bit for bit."""
+    import torch
+
+    from testbed.cli.main import main
+
+    exp, _, rounds, *_ = psl_run
+    assert main(["run", str(exp.run_dir.path / "experiment.yaml"), "--out", str(tmp_path)]) == 0
+    (again,) = tmp_path.iterdir()
+    redo = read_rounds(again)
+    assert [(r["train_loss"], r["test_acc"]) for r in redo] == [
+        (r["train_loss"], r["test_acc"]) for r in rounds]
+    for node in ("c1", "c2", "srv"):
+        a, b = (torch.load(d / "ckpt" / f"{node}.pt", weights_only=False)
+                for d in (exp.run_dir.path, again))
+        flat_a, flat_b = (torch.nn.utils.parameters_to_vector(
+            [t for s in x["segments"].values() for t in s.values()
+             if torch.is_tensor(t) and t.is_floating_point()]) for x in (a, b))
+        assert torch.equal(flat_a, flat_b), node
+    first, second = (json.loads((d / "config.json").read_text())["config"]
+                     for d in (exp.run_dir.path, again))
+    assert second["run"].pop("out_dir") == str(tmp_path)  # the only field --out changed
+    first["run"].pop("out_dir")
+    assert first == second
+
+
 def test_run_leaves_nothing_behind(psl_run):
     *_, before, after = psl_run
     leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}

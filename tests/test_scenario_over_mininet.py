@@ -113,6 +113,6 @@ def test_the_applied_link_states_are_the_planned_sequence(cut):
     seed."""
     exp, _, events, _ = cut
     applied = [(e["link"], e["by"], e["state"]) for e in events if e["kind"] == "link_state"]
-    plan = simulate(exp.scenario, exp.topo, seed=exp.cfg.seed, rounds=4, round_s=5.0)
+    plan = simulate(exp.scenario, exp.topo, seed=exp.cfg.run.seed, rounds=4, round_s=5.0)
     assert len(applied) == 3
     assert applied == [(s["link"], s["by"], s["state"]) for s in plan.link_states]

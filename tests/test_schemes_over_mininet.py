@@ -162,7 +162,7 @@ def tapped_run(tmp_path, scheme: str, options: dict, rounds: int, iters: int,
         assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
 
     def stop(exp, rnd):
-        if rnd == exp.cfg.rounds:
+        if rnd == exp.cfg.run.rounds:
             tap["proc"].send_signal(signal.SIGTERM)
             out, _ = tap["proc"].communicate(timeout=60)
             tap["stats"] = json.loads(out.decode().splitlines()[-1])

@@ -194,7 +194,7 @@ def test_a_keyless_dealer_as_c1_changes_nothing(undisturbed, tmp_path):
     assert losses(rounds) == losses(calm_rounds)  # bit-identical, no stall
     assert summary["status"] == "ok"
     assert summary["rejected"]["srv"].get("handshake_failed", 0) >= 1, summary["rejected"]
-    assert not exp.cfg.insecure
+    assert not exp.cfg.security.insecure
 
 
 def test_with_insecure_the_same_dealer_takes_c1_over_and_the_run_stalls(tmp_path):
@@ -207,7 +207,8 @@ def test_with_insecure_the_same_dealer_takes_c1_over_and_the_run_stalls(tmp_path
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "failed"
-    assert json.loads((folder / "config.json").read_text())["config"]["insecure"] is True
+    config = json.loads((folder / "config.json").read_text())["config"]
+    assert config["security"]["insecure"] is True
 
 
 def foreign_messages(exp: Experiment) -> None:

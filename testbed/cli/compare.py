@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from nodes.schemes import get_scheme
-from testbed.cli.options import HETEROGENEITY, _add_device_args
-from testbed.emu.topology import load_topology, parse_params
-from testbed.errors import RunFailed
-from testbed.plan.config import RunConfig
+from testbed.cli.options import add_run_options, overrides
+from testbed.emu.topology import parse_params
+from testbed.errors import ConfigError, RunFailed
 from testbed.report.compare import (
     DEFAULT_SCHEMES,
     DEFAULT_TOPOLOGY,
@@ -33,6 +32,7 @@ from testbed.report.compare import (
 from testbed.run.preflight import check_out_dir
 from testbed.run.records import console
 from testbed.scenario.experiment import Experiment
+from testbed.scenario.spec import from_script, prepare, read
 
 
 @dataclass
@@ -42,39 +42,60 @@ class Comparison:
     failed: list[str] = field(default_factory=list)
 
 
+# compare's own defaults where they differ from `sledge run`'s: short runs of a small data set
+# on warm forked nodes, every sample used.
+DEFAULTS = {"run.rounds": 5, "data.dataset": "digits", "run.launcher": "zygote",
+            "data.train_limit": None, "data.test_limit": None}
+
+
 def compare(a: argparse.Namespace) -> Comparison:
     specs = [parse_spec(s) for s in a.schemes or DEFAULT_SCHEMES]
-    path = a.topology if os.path.exists(a.topology) else str(ROOT / a.topology)
-    params = parse_params(a.topo_param, "-p")
-    topo, topo_name = load_topology(path, a.topo, params)
+    experiment = a.experiment if os.path.exists(a.experiment) else str(ROOT / a.experiment)
+    if experiment.endswith((".yaml", ".yml")):
+        spec = read(experiment)
+        spec.setdefault("topology", {})
+    else:
+        spec = from_script(experiment, a.topo, None, a.loopback)
+    topo_ref = spec["topology"] if isinstance(spec["topology"], dict) else {
+        "script": spec["topology"]}
+    params = {**(topo_ref.get("params") or {}), **parse_params(a.topo_param, "-p")}
+    if a.topo:
+        topo_ref["name"] = a.topo
+    if a.loopback:
+        spec["loopback"] = True
+    given = overrides(a)  # every run option, as `sledge run` takes them
+    if any(k.partition(".")[0] in ("scheme", "scheme_options") for k in given):
+        raise ConfigError("compare: the schemes are --schemes NAME:K=V ...; --scheme and -o "
+                          "are `sledge run`'s")
+    base = {k: v for k, v in DEFAULTS.items()
+            if not (isinstance(spec.get(k.split(".")[0]), dict)
+                    and k.split(".")[1] in spec[k.split(".")[0]])}
+    spec["topology"] = {**topo_ref, "params": params}
+    first = prepare(spec, {**base, **given})
     needs_fed = any("fedserver" in get_scheme(s.scheme, **s.options).roles for s in specs)
-    takes_fed = "fed" in inspect.signature(type(topo).build).parameters
+    takes_fed = "fed" in inspect.signature(type(first.topo).build).parameters
     if needs_fed and takes_fed and "fed" not in params:
         params["fed"] = True  # the same network for every scheme: the fed host idles in others
-        topo, _ = load_topology(path, a.topo, params)
-    device = {f: parse_params(getattr(a, f"{f}_items"), f"--{flag}")
-              for f, flag in HETEROGENEITY.items()}
+        spec["topology"]["params"] = params
+        first = prepare(spec, {**base, **given})
+    cycles = dict(first.cfg.devices.cycles)
     if not a.no_modelled_compute:
-        device["cycles"] = {**seed_speeds(topo), **device["cycles"]}
-    common = dict(rounds=a.rounds, iters_per_round=a.iters_per_round, batch_size=a.batch_size,
-                  lr=a.lr, momentum=a.momentum, dataset=a.dataset, train_limit=a.train_limit,
-                  test_limit=a.test_limit, model=a.model, cuts=a.cuts or RunConfig().cuts,
-                  seed=a.seed, launcher=a.launcher, flops_per_cycle=a.flops_per_cycle,
-                  backward_flops_factor=a.backward_flops_factor, **device)
-    RunConfig.from_dict({**common, "out_dir": a.out_dir})  # bad values fail before any run
-    out = Path(a.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
+        cycles = {**seed_speeds(first.topo), **cycles}
+    common = {**base, **given, "devices.cycles": cycles}
+    out = Path(first.cfg.run.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
     runs = []  # every scheme's run checked (config, data, model, cuts) before any starts
-    for spec in specs:
-        topo, _ = load_topology(path, a.topo, params)  # fresh: a build changes its topology
-        cfg = RunConfig.from_dict({**common, "name": spec.slug, "scheme": spec.scheme,
-                                   "scheme_options": spec.options,
-                                   "out_dir": str(out / "runs")})
-        runs.append((spec, Experiment(cfg, topo, topology=path)))
-    check_out_dir(a.out_dir)
+    for s in specs:  # a fresh topology each: a build changes its topology
+        p = prepare(spec, {**common, "scheme.name": s.scheme, "scheme.options": s.options,
+                           "run.name": s.slug, "run.out_dir": str(out / "runs")})
+        runs.append((s, Experiment(p.cfg, p.topo, **p.kwargs)))
+    cfg = runs[0][1].cfg if runs else first.cfg
+    check_out_dir(first.cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=False)
     (out / "compare.json").write_text(json.dumps(
-        {"topology": path, "topology_params": params, "schemes": [s.__dict__ for s in specs],
-         "common": common}, indent=2, default=str))
+        {"topology": topo_ref["script"], "topology_params": params,
+         "schemes": [s.__dict__ for s in specs], "common": common,
+         "config": {k: v for k, v in cfg.to_dict().items() if k != "scheme"}},
+        indent=2, default=str))
     results: list[tuple[Spec, str | None, str | None]] = []
     t0 = time.perf_counter()
     for i, (spec, exp) in enumerate(runs, start=1):
@@ -86,14 +107,19 @@ def compare(a: argparse.Namespace) -> Comparison:
             print(f"sledge: compare: {spec.label} failed: {e}", file=sys.stderr)
             results.append((spec, str(exp.run_dir.path) if exp.run_dir else None, str(e)))
     took = time.perf_counter() - t0
-    speeds = ", ".join(f"{k} {v / 1e9:g} GHz" for k, v in device["cycles"].items())
-    limits = {k: device[k] for k in ("cpu", "mem_mb") if device[k]}
-    header = (f"# Scheme comparison on {topo_name} ({os.path.relpath(path)}, "
-              f"{params or 'defaults'})\n\n"
-              f"{a.dataset}, {a.model} cut after {', '.join(common['cuts'])}, {a.rounds} rounds, "
-              f"seed {a.seed}, {a.launcher} launcher; modelled compute: "
-              f"{speeds + f' at {a.flops_per_cycle:g} FLOPs/cycle' if speeds else 'none'}"
-              f"{f'; limits {limits}' if limits else ''}. All runs took {took:.0f} s.")
+    dev = cfg.devices
+    speeds = ", ".join(f"{k} {v / 1e9:g} GHz" for k, v in dev.cycles.items())
+    limits = {k: getattr(dev, k) for k in ("cpu", "mem_mb") if getattr(dev, k)}
+    extras = {k: v for k, v in (("compression", cfg.efficiency.compression),
+                                ("selection", cfg.efficiency.selection)) if v}
+    header = (f"# Scheme comparison on {first.topo_name} "
+              f"({os.path.relpath(topo_ref['script'])}, {params or 'defaults'})\n\n"
+              f"{cfg.data.dataset}, {cfg.model.name} cut after {', '.join(cfg.model.cuts)}, "
+              f"{cfg.run.rounds} rounds, seed {cfg.run.seed}, {cfg.run.launcher} launcher; "
+              f"modelled compute: "
+              f"{speeds + f' at {dev.flops_per_cycle:g} FLOPs/cycle' if speeds else 'none'}"
+              f"{f'; limits {limits}' if limits else ''}"
+              f"{f'; {extras}' if extras else ''}. All runs took {took:.0f} s.")
     rows = write_outputs(out, results, a.target_acc, header)
     console.print((out / "compare.md").read_text(), markup=False, soft_wrap=True)
     console.print(f"results: {out}")
@@ -107,33 +133,19 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """`sledge compare` on the CLI's subparsers."""
-    d = RunConfig()
+    defaults = ", ".join(f"{k}={v}" for k, v in DEFAULTS.items())
     p = sub.add_parser("compare", help="run several schemes on the same topology, data and "
-                                       "seed; write a table and plots")
-    p.add_argument("topology", nargs="?", default=DEFAULT_TOPOLOGY,
-                   help=f"topology script (default {DEFAULT_TOPOLOGY})")
-    p.add_argument("--topo", help="topology name inside the script (default: its first)")
-    p.add_argument("-p", "--topo-param", action="append", default=[], metavar="KEY=VALUE")
+                                       "seed; write a table and plots",
+                       description="Run several schemes on one experiment (same topology, "
+                       "data, links and seed) and write a table and plots. Every option of "
+                       f"`sledge run` applies to every scheme. Defaults differing from `sledge "
+                       f"run`'s: {defaults}; modelled compute at the seed's device speeds.")
+    add_run_options(p, default_experiment=DEFAULT_TOPOLOGY)
     p.add_argument("--schemes", nargs="+", action="extend", default=None,
                    metavar="SCHEME[:K=V,...]",
                    help=f"schemes to run (default: {' '.join(DEFAULT_SCHEMES)})")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", dest="iters_per_round", type=int, default=None,
-                   help="iterations per round (default: one local epoch)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--train-limit", type=lambda s: None if s == "none" else int(s), default=None)
-    p.add_argument("--test-limit", type=lambda s: None if s == "none" else int(s), default=None)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--cut", dest="cuts", action="append", help="cut point (repeatable)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--launcher", default="zygote", choices=["popen", "zygote"])
-    p.add_argument("--out", dest="out_dir", default=d.out_dir)
     p.add_argument("--target-acc", type=float, default=0.8,
                    help="accuracy for the time-to-accuracy column (default 0.8)")
-    _add_device_args(p)
     p.add_argument("--no-modelled-compute", action="store_true",
                    help="no cycles/s by default: compute as fast as this machine does")
-    p.set_defaults(func=cmd_compare, flops_per_cycle=16.0)
+    p.set_defaults(func=cmd_compare)

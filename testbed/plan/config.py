@@ -1,170 +1,248 @@
-"""The run configuration: every knob of an experiment, validated with errors that name the field.
+"""A run's configuration as data: nested typed sections, validated, errors naming the dotted field.
 
-A RunConfig is plain data (from CLI flags, a dict or YAML); the experiment resolves it against a
-topology and stores the result in the run folder.
+`RunConfig` holds everything a run needs besides its topology: run, scheme, train, data,
+model, net, devices, efficiency, fault, timeouts and security. The sections a node reads as
+they are (train, timeouts, fault) are nodes.settings' models, shared with the node configs,
+so no default is written twice. A config comes from an experiment file (YAML, nested), from
+command-line flags, or from Python; flat keys are accepted as shorthand for the field they
+name (`rounds=2` is `run.rounds`, `scheme="epsl"` is `scheme.name`: `FLAT`). `to_dict()` is the
+nested form, which `from_dict` reads back unchanged. Checks that need the topology, the model or
+the data set are testbed.run.preflight's; this module only knows the values.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from nodes.settings import Fault, Section, Timeouts, Train
 from testbed.errors import ConfigError
 
+Positive = Annotated[float, Field(gt=0)]
 
-@dataclass
-class RunConfig:
-    name: str = "run"
-    scheme: str = "psl"
-    scheme_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 3
-    iters_per_round: int | None = None  # None: one local epoch over the mean client shard
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
+
+class Run(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_-]+$",
+                      description="the run folder's suffix: letters, digits, '-' or '_'")
+    seed: int = Field(0, description="seeds data order, partitions and weights")
+    rounds: int = Field(3, gt=0)
+    out_dir: str = Field("runs", description="where run folders go")
+    evaluate: bool = Field(True, description="test accuracy after every round")
+    launcher: Literal["popen", "zygote"] = Field(
+        "popen", description="popen: an interpreter per node; zygote: forked from a warm one")
+    scenario: str | None = Field(None, min_length=1, description="a scenario timeline (YAML)")
+
+
+class SchemeSpec(Section):
+    name: str = Field("psl", description="a scheme of nodes.schemes (sledge list schemes)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the scheme's options")
+
+
+class Data(Section):
     dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    train_limit: int | None = 6000
-    test_limit: int | None = 2000
-    partition: str = "iid"
-    alpha: float = 0.5
-    model: str = "smallcnn"
-    cuts: list[str] = field(default_factory=lambda: ["conv2"])
-    # Roles of the relay tiers between the clients and the server, client side first (an
-    # N-segment chain, docs/multitier.md), e.g. ["edge"]: needs len(tiers) + 1 cuts or more.
-    tiers: list[str] = field(default_factory=list)
-    # host -> role, overriding the topology's role= tag (e.g. a platoon's vehicles as relays).
-    roles: dict[str, str] = field(default_factory=dict)
-    seed: int = 0
-    out_dir: str = "runs"
-    port: int = 5555
-    step_timeout_s: float = 300.0
-    start_timeout_s: float = 180.0
-    round_timeout_s: float = 3600.0
-    evaluate: bool = True
-    launcher: str = "popen"       # "popen": an interpreter per node; "zygote": forked, warm
-    link_backend: str = "auto"    # "auto": netem where the kernel has it, else "relay"
-    linkcheck: bool = False       # measure every path before training, store linkcheck.json
-    scenario: str | None = None   # a scenario timeline, YAML (testbed.scenario.timeline)
+    root: str | None = Field(None, description="folder of a data set's files (mnist, cifar10...)")
+    train_limit: int | None = Field(6000, gt=0, description="training samples (null: all)")
+    test_limit: int | None = Field(2000, gt=0, description="test samples (null: all)")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID)")
+
+
+class Model(Section):
+    name: str = "smallcnn"
+    cuts: list[str] = Field(default_factory=lambda: ["conv2"], min_length=1,
+                            description="cut points, client side first")
+
+
+class Net(Section):
+    port: int = Field(5555, gt=0, lt=65536, description="first data-plane port")
+    link_backend: Literal["auto", "netem", "relay"] = Field(
+        "auto", description="auto: netem where the kernel has it, else the user-space relay")
+    linkcheck: bool = Field(False, description="measure every path before training")
     # Controller routes on Mininet networks (testbed.emu.routing): between the scheme's
     # (dealer, router) pairs, between all hosts, or none (the topology's L2 reachability).
-    routes: str = "scheme"
-    route_metric: str = "widest"  # "widest" (bottleneck capacity) or "shortest" (delay)
-    # Device heterogeneity. Keys are host names or roles (a host's own entry wins); they override
-    # what the topology declares on its hosts (addHost(..., cpu=, mem_mb=, cycles=)).
-    cpu: dict[str, float] = field(default_factory=dict)     # fraction of the whole machine
-    mem_mb: dict[str, int] = field(default_factory=dict)    # memory limit, MiB
-    cycles: dict[str, float] = field(default_factory=dict)  # modelled compute speed, cycles/s
-    flops_per_cycle: float = 1.0        # eta (algorithms.md 11.2)
-    backward_flops_factor: float = 2.0  # beta: backward FLOPs per forward FLOP (11.1)
-    # Resource efficiency (docs/compression.md): the cut codec of every node, e.g.
-    # {"method": "c3sl", "R": 4} | {"method": "topk", "rho": 0.1} | {"method": "quant",
-    # "bits": 8}; low-precision or pruned client weights per host or role, e.g.
-    # {"client": {"bits": 8}} or {"c1": {"prune": 0.5}}; client selection per round, e.g.
-    # {"policy": "rpowd", "m": 2, "d": 3, "deadline_s": 2.0} (nodes.selection).
-    compression: dict[str, Any] = field(default_factory=dict)
-    client_weights: dict[str, dict] = field(default_factory=dict)
-    selection: dict[str, Any] = field(default_factory=dict)
-    # Fault tolerance (docs/fault-tolerance.md): beat period, beats missed before a node is
-    # declared dead, and how many node restarts a run may use (0: any death fails the run).
-    heartbeat_s: float = 0.5
-    heartbeat_misses: int = 10
-    max_restarts: int = 3
-    # Security and bounds (docs/security.md): every socket uses CURVE with keys made for the run
-    # unless `insecure`; each node refuses frames above max_message_bytes and connections past
-    # max_connections per listening socket (0: derived from the run's largest expected message
-    # and its number of processes).
+    routes: Literal["scheme", "all", "off"] = "scheme"
+    route_metric: Literal["widest", "shortest"] = "widest"
+    # host -> role, overriding the topology's role= tag (e.g. a platoon's vehicles as relays).
+    roles: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
+    # Roles of the relay tiers between the clients and the server, client side first (an
+    # N-segment chain, docs/multitier.md), e.g. ["edge"]: needs len(tiers) + 1 cuts or more.
+    tiers: list[str] = Field(default_factory=list)
+
+    @field_validator("tiers")
+    @classmethod
+    def _distinct_relay_roles(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or {"client", "server"} & set(v):
+            raise ValueError("expected distinct role names other than 'client' and 'server'")
+        return v
+
+
+class ClientWeights(Section):
+    bits: int | None = Field(None, gt=0, le=32)
+    prune: float | None = Field(None, ge=0, lt=1)
+
+
+class Devices(Section):
+    """Device heterogeneity. Keys are host names or roles (a host's own entry wins); they
+    override what the topology declares on its hosts (addHost(..., cpu=, mem_mb=, cycles=))."""
+
+    cpu: dict[str, Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=dict, description="share of the whole machine (cgroup quota)")
+    mem_mb: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="memory limit, MiB")
+    cycles: dict[str, Positive] = Field(default_factory=dict,
+                                        description="modelled compute speed, cycles/s")
+    flops_per_cycle: float = Field(1.0, gt=0, description="eta (docs/latency.md)")
+    backward_flops_factor: float = Field(2.0, gt=0,
+                                         description="beta: backward FLOPs per forward FLOP")
+    client_weights: dict[str, ClientWeights] = Field(
+        default_factory=dict, description="low-precision or pruned client weights")
+
+
+class Efficiency(Section):
+    """Resource efficiency (docs/compression.md): the cut codec of every node, e.g.
+    {method: c3sl, R: 4}; client selection per round, e.g. {policy: rpowd, m: 2, d: 3}."""
+
+    compression: dict[str, Any] = Field(default_factory=dict)
+    selection: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("compression")
+    @classmethod
+    def _codec_exists(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v:
+            from nodes.compression import CompressionError, make_codec
+
+            try:
+                make_codec(v)
+            except CompressionError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
+class Security(Section):
+    """docs/security.md: CURVE with keys made per run unless `insecure`; frames above
+    max_message_bytes and connections past max_connections per listening socket are refused
+    (0: derived from the run's largest expected message and its number of processes)."""
+
     insecure: bool = False
-    max_message_bytes: int = 0
-    max_connections: int = 0
+    max_message_bytes: int = Field(0, ge=0)
+    max_connections: int = Field(0, ge=0)
+
+
+SECTIONS = ("run", "scheme", "train", "data", "model", "net", "devices", "efficiency", "fault",
+            "timeouts", "security")
+
+# Flat shorthand -> the dotted field it names (the command line's and the old flat names).
+FLAT: dict[str, str] = {
+    **{k: f"run.{k}" for k in ("name", "seed", "rounds", "out_dir", "evaluate", "launcher",
+                               "scenario")},
+    "scheme": "scheme.name", "scheme_options": "scheme.options",
+    **{k: f"train.{k}" for k in ("batch_size", "lr", "momentum", "iters_per_round")},
+    "dataset": "data.dataset", "data_root": "data.root",
+    **{k: f"data.{k}" for k in ("train_limit", "test_limit", "partition", "alpha")},
+    "model": "model.name", "cuts": "model.cuts",
+    **{k: f"net.{k}" for k in ("port", "link_backend", "linkcheck", "routes", "route_metric",
+                               "roles", "tiers")},
+    **{k: f"devices.{k}" for k in ("cpu", "mem_mb", "cycles", "flops_per_cycle",
+                                   "backward_flops_factor", "client_weights")},
+    "compression": "efficiency.compression", "selection": "efficiency.selection",
+    **{k: f"fault.{k}" for k in ("heartbeat_s", "heartbeat_misses", "max_restarts")},
+    "step_timeout_s": "timeouts.step_s", "start_timeout_s": "timeouts.start_s",
+    "round_timeout_s": "timeouts.round_s",
+    **{k: f"security.{k}" for k in ("insecure", "max_message_bytes", "max_connections")},
+}
+
+
+def dotted(key: str, value: Any = None) -> str:
+    """The dotted path a key names: a section's own field (`train.lr`), or a flat name and
+    what follows it (`lr`, `cycles.client` -> `devices.cycles.client`). "scheme" and "model"
+    are sections and flat names for their `name`: a string value is a name."""
+    head, _, rest = key.partition(".")
+    if head in SECTIONS and (rest or isinstance(value, dict) or head not in FLAT):
+        return key
+    return FLAT[head] + (f".{rest}" if rest else "") if head in FLAT else key
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, mappings merged key by key (a later value wins)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def nest(d: dict[str, Any]) -> dict[str, Any]:
+    """Flat shorthand and dotted keys (`train.lr`) into the nested form; sections as given."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        *parents, leaf = dotted(key, value).split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config field {p!r}: expected a section (a mapping)")
+        node[leaf] = merge(node[leaf], value) if isinstance(value, dict) and isinstance(
+            node.get(leaf), dict) else value
+    return out
+
+
+class RunConfig(BaseModel):
+    model_config = Section.model_config
+
+    run: Run = Field(default_factory=Run)
+    scheme: SchemeSpec = Field(default_factory=SchemeSpec)
+    train: Train = Field(default_factory=Train)
+    data: Data = Field(default_factory=Data)
+    model: Model = Field(default_factory=Model)
+    net: Net = Field(default_factory=Net)
+    devices: Devices = Field(default_factory=Devices)
+    efficiency: Efficiency = Field(default_factory=Efficiency)
+    fault: Fault = Field(default_factory=Fault)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    security: Security = Field(default_factory=Security)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**nest(data))
+        except ValidationError as e:
+            raise ConfigError(describe(e)) from None
+
+    @model_validator(mode="after")
+    def _more_cuts_than_tiers(self) -> RunConfig:
+        if len(self.model.cuts) <= len(self.net.tiers):
+            raise ValueError(f"model.cuts: expected more cut points than relay tiers "
+                             f"({len(self.net.tiers)}), got {self.model.cuts!r}")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"config: unknown field(s) {unknown}; valid: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        """Nested sections, dotted keys or flat shorthand (see FLAT)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a mapping of sections, got {d!r}")
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
-    def validate(self) -> None:
-        def need(cond: bool, fld: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"config field {fld!r}: {what}, got {getattr(self, fld)!r}")
+    def validate(self) -> None:  # noqa: D102 - every value was checked when it was set
+        """Kept for callers of the old flat config: values are checked when they are set."""
 
-        def pos_int(fld: str, allow_none: bool = False) -> None:
-            v = getattr(self, fld)
-            ok = (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool)
-                                                and v > 0)
-            need(ok, fld, "expected a positive integer" + (" or null" if allow_none else ""))
+    def with_changes(self, **changes: Any) -> RunConfig:
+        """A copy with flat shorthand or dotted keys changed, checked again."""
+        return RunConfig.from_dict(merge(self.to_dict(), nest(changes)))
 
-        for f in ("rounds", "batch_size", "port"):
-            pos_int(f)
-        for f in ("iters_per_round", "train_limit", "test_limit"):
-            pos_int(f, allow_none=True)
-        need(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "expected a number > 0")
-        need(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1, "momentum",
-             "expected a number in [0, 1)")
-        need(self.partition in ("iid", "dirichlet"), "partition", "expected 'iid' or 'dirichlet'")
-        need(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha",
-             "expected a number > 0")
-        need(isinstance(self.cuts, list) and len(self.cuts) >= 1
-             and all(isinstance(c, str) for c in self.cuts), "cuts",
-             "expected a non-empty list of cut-point names")
-        need(isinstance(self.tiers, list) and all(
-            isinstance(t, str) and t not in ("client", "server") for t in self.tiers)
-             and len(set(self.tiers)) == len(self.tiers), "tiers",
-             "expected a list of distinct role names other than 'client' and 'server'")
-        need(len(self.cuts) > len(self.tiers), "cuts",
-             f"expected more cut points than relay tiers ({len(self.tiers)})")
-        need(isinstance(self.roles, dict) and all(
-            isinstance(k, str) and isinstance(v, str) and v for k, v in self.roles.items()),
-             "roles", "expected a mapping host -> role name")
-        need(isinstance(self.scheme_options, dict), "scheme_options", "expected a mapping")
-        need(self.port < 65536, "port", "expected a TCP port")
-        need(self.launcher in ("popen", "zygote"), "launcher", "expected 'popen' or 'zygote'")
-        need(self.scenario is None or (isinstance(self.scenario, str) and bool(self.scenario)),
-             "scenario", "expected the path of a scenario YAML file or null")
-        need(self.link_backend in ("auto", "netem", "relay"), "link_backend",
-             "expected 'auto', 'netem' or 'relay'")
-        need(self.routes in ("scheme", "all", "off"), "routes",
-             "expected 'scheme', 'all' or 'off'")
-        need(self.route_metric in ("widest", "shortest"), "route_metric",
-             "expected 'widest' or 'shortest'")
-        for f in ("step_timeout_s", "start_timeout_s", "round_timeout_s"):
-            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
-                 "expected a number of seconds > 0")
-        for f, ok, what in (("cpu", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-                            ("mem_mb", lambda v: isinstance(v, int) and v > 0,
-                             "a whole number of MiB > 0"),
-                            ("cycles", lambda v: v > 0, "cycles/s > 0")):
-            m = getattr(self, f)
-            need(isinstance(m, dict) and all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                and ok(v) for k, v in m.items()), f, f"expected a mapping host or role -> {what}")
-        pos_int("heartbeat_misses")
-        for f in ("compression", "selection"):
-            need(isinstance(getattr(self, f), dict), f, "expected a mapping")
-        if self.compression:
-            from nodes.compression import CompressionError, make_codec
-            try:
-                make_codec(self.compression)
-            except CompressionError as e:
-                raise ConfigError(str(e)) from None
-        need(isinstance(self.client_weights, dict) and all(
-            isinstance(v, dict) and set(v) <= {"bits", "prune"}
-            for v in self.client_weights.values()), "client_weights",
-             "expected a mapping host or role -> {bits: int, prune: fraction}")
-        for f in ("max_restarts", "max_message_bytes", "max_connections"):
-            v = getattr(self, f)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f,
-                 "expected an integer >= 0")
-        for f in ("flops_per_cycle", "backward_flops_factor", "heartbeat_s"):
-            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f,
-                 "expected a number > 0")
-        need(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
-             "name", "expected letters, digits, '-' or '_'")
+
+def describe(e: ValidationError) -> str:
+    """The first error as one line naming the dotted field, e.g. "config field 'train.lr':
+    Input should be greater than 0, got -1"."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return (f"config field {where!r}: unknown field (sections: {', '.join(SECTIONS)}; "
+                f"flat names as the command line's, e.g. rounds, lr, dataset)")
+    if not where and ": " in msg:  # a check across sections names its field first
+        where, msg = msg.split(": ", 1)
+        return f"config field {where!r}: {msg}"
+    got = "" if "got" in msg else f", got {err.get('input')!r}"
+    return f"config field {where or 'config'!r}: {msg}{got}"

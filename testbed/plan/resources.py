@@ -278,21 +278,21 @@ def allocate_run(topo: Any, cfg: Any, mode: str,
     on_start hook that applies its shares. mode "static": exact shares on per-UE links;
     "on-demand": the cut that is best when the UEs share the cell work-conservingly (no
     per-UE cap, nothing to apply)."""
-    from dataclasses import replace as copy_with
 
     from testbed.plan.runplan import host_roles, per_host
 
     try:
-        model, terms = model_of(cfg.scheme, cfg.scheme_options)
+        model, terms = model_of(cfg.scheme.name, cfg.scheme.options)
     except ValueError:
         model, terms = None, {}
-    if model != "psl_epsl" or len(cfg.cuts) != 1 or cfg.tiers:
+    if model != "psl_epsl" or len(cfg.model.cuts) != 1 or cfg.net.tiers:
         raise ValueError("--allocate: the resource manager models two-tier PSL/EPSL rounds "
-                         f"(scheme {cfg.scheme!r}, cuts {cfg.cuts}, tiers {cfg.tiers})")
-    roles = host_roles(topo, cfg.roles)
+                         f"(scheme {cfg.scheme.name!r}, cuts {cfg.model.cuts}, "
+                         f"tiers {cfg.net.tiers})")
+    roles = host_roles(topo, cfg.net.roles)
     clients = [h for h, r in roles.items() if r == "client"]
     servers = [h for h, r in roles.items() if r == "server"]
-    cycles = per_host(topo, "cycles", cfg.cycles, roles)
+    cycles = per_host(topo, "cycles", cfg.devices.cycles, roles)
     missing = [h for h in (*clients, *servers) if h not in cycles]
     if len(servers) != 1 or missing:
         raise ValueError(f"--allocate: needs one server and modelled compute (--cycles) for "
@@ -300,14 +300,15 @@ def allocate_run(topo: Any, cfg: Any, mode: str,
     from testbed.plan.latency import network_of
 
     net = network_of(topo, clients, servers[0])
-    man = Manager(net, Profile.of(cfg.model, cfg.dataset), cycles, batch=cfg.batch_size,
-                  eta=cfg.flops_per_cycle, beta=cfg.backward_flops_factor,
+    man = Manager(net, Profile.of(cfg.model.name, cfg.data.dataset), cycles,
+                  batch=cfg.train.batch_size,
+                  eta=cfg.devices.flops_per_cycle, beta=cfg.devices.backward_flops_factor,
                   phi=float(terms.get("phi", 0.0)))
     if mode == "on-demand":
         per = {c: on_demand(man, c, *man.cell_hops())["total"] for c in man.cuts}
         cut = min(per, key=per.get)
         log(f"allocation (on-demand): cut {cut}, {per[cut]:.3f} s/iteration predicted")
-        return copy_with(cfg, cuts=[cut]), lambda exp: None
+        return cfg.with_changes(cuts=[cut]), lambda exp: None
     if mode != "static":
         raise ValueError(f"--allocate {mode!r}: valid: static, on-demand")
     best = man.exhaustive()
@@ -315,4 +316,4 @@ def allocate_run(topo: Any, cfg: Any, mode: str,
     shape_access_links(topo, clients, man.full_rates())
     log(f"allocation (static): cut {best.cut}, {best.latency['total']:.3f} s/iteration "
         f"predicted")
-    return copy_with(cfg, cuts=[best.cut]), lambda exp: apply(exp.network, topo, rates, log)
+    return cfg.with_changes(cuts=[best.cut]), lambda exp: apply(exp.network, topo, rates, log)

@@ -35,7 +35,7 @@ def host_roles(topo: Topo, overrides: dict[str, str] | None = None) -> dict[str,
     hosts = topo.hosts()
     unknown = sorted(set(overrides or {}) - set(hosts))
     if unknown:
-        raise PlanError(f"config field 'roles': no host(s) {unknown} in the topology "
+        raise PlanError(f"config field 'net.roles': no host(s) {unknown} in the topology "
                         f"(hosts {sorted(hosts)})")
     return {h: (overrides or {}).get(h, topo.nodeInfo(h).get("role")) for h in hosts}
 
@@ -92,74 +92,75 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
     checkpoint path, `control` the controller's ipc:// address."""
     # Built hosts keep the topology's order (Mininet adds them as topo.hosts() lists them).
     roles = {r: [h for h, hr in roles_of.items() if hr == r]
-             for r in (*scheme.roles, *cfg.tiers)}
+             for r in (*scheme.roles, *cfg.net.tiers)}
     missing = [r for r, hosts in roles.items() if not hosts]
     if missing:
-        raise PlanError(f"topology {topology!r}: scheme {cfg.scheme!r} needs hosts with "
+        raise PlanError(f"topology {topology!r}: scheme {cfg.scheme.name!r} needs hosts with "
                         f"role {missing} (roles {list(scheme.roles)}; found {roles})")
     clients = roles["client"]
-    info = dataset_info(cfg.dataset)
-    model_kwargs = {"name": cfg.model, "num_classes": info["num_classes"],
+    info = dataset_info(cfg.data.dataset)
+    model_kwargs = {"name": cfg.model.name, "num_classes": info["num_classes"],
                     "in_channels": info["in_channels"], "image_size": info["image_size"]}
-    nseg = len(cfg.cuts) + 1
+    nseg = len(cfg.model.cuts) + 1
     placement_plan = None
     try:
-        if cfg.tiers:
+        if cfg.net.tiers:
             mem = {h: v["mem_mb"] for h, v in limits.items() if "mem_mb" in v}
-            placement, placement_plan = place_chain(scheme, nseg, roles, cfg.tiers, mem,
-                                                    model_kwargs, cfg.cuts, cfg.batch_size,
-                                                    cfg.momentum)
+            placement, placement_plan = place_chain(scheme, nseg, roles, cfg.net.tiers, mem,
+                                                    model_kwargs, cfg.model.cuts,
+                                                    cfg.train.batch_size,
+                                                    cfg.train.momentum)
         else:
             placement = scheme.placement(nseg, roles)
     except ValueError as e:
-        raise PlanError(f"scheme {cfg.scheme!r}: {e}") from None
+        raise PlanError(f"scheme {cfg.scheme.name!r}: {e}") from None
     # A client's model: a segment one of its own relays holds comes from that relay (with
     # several relays per tier, each trains its own copy).
-    chains = relays_of(topo, roles, cfg.tiers) if cfg.tiers else {}
+    chains = relays_of(topo, roles, cfg.net.tiers) if cfg.net.tiers else {}
     parts = {c: [(next((r for r in chains.get(c, []) if s in placement.get(r, [])), n), s)
                  for n, s in scheme.model_of(c, placement, nseg)] for c in clients}
-    train = load_dataset(cfg.dataset, "train", root=cfg.data_root, limit=cfg.train_limit,
-                         seed=cfg.seed)
-    shards = partition(train.y, len(clients), scheme=cfg.partition, alpha=cfg.alpha,
-                       seed=cfg.seed)
+    train = load_dataset(cfg.data.dataset, "train", root=cfg.data.root, limit=cfg.data.train_limit,
+                         seed=cfg.run.seed)
+    shards = partition(train.y, len(clients), scheme=cfg.data.partition, alpha=cfg.data.alpha,
+                       seed=cfg.run.seed)
     mean_shard = sum(len(s) for s in shards) / len(shards)
-    iters = cfg.iters_per_round or math.ceil(mean_shard / cfg.batch_size)
+    iters = cfg.train.iters_per_round or math.ceil(mean_shard / cfg.train.batch_size)
     plan = RunPlan(roles, placement, placement_plan, parts, model_kwargs, iters)
-    base = {"run": run_id, "scheme": cfg.scheme, "scheme_options": cfg.scheme_options,
-            "model": model_kwargs, "cuts": cfg.cuts, "roles": roles, "placement": placement,
+    base = {"run": run_id, "scheme": cfg.scheme.name, "scheme_options": cfg.scheme.options,
+            "model": model_kwargs, "cuts": cfg.model.cuts, "roles": roles, "placement": placement,
             "shards": {c: len(s) for c, s in zip(clients, shards, strict=True)},
-            "seed": cfg.seed, "lr": cfg.lr, "momentum": cfg.momentum,
-            "batch_size": cfg.batch_size, "control": control,
-            "step_timeout_s": cfg.step_timeout_s, "start_timeout_s": cfg.start_timeout_s,
-            "threads": 1}
-    compute = {"flops_per_cycle": cfg.flops_per_cycle,
-               "backward_flops_factor": cfg.backward_flops_factor}
+            "seed": cfg.run.seed, "control": control, "threads": 1,
+            # the shared sections, as the nodes read them (nodes.settings)
+            "train": cfg.train.model_dump(), "timeouts": cfg.timeouts.model_dump(),
+            "fault": cfg.fault.model_dump()}
+    compute = {"flops_per_cycle": cfg.devices.flops_per_cycle,
+               "backward_flops_factor": cfg.devices.backward_flops_factor}
     configs = plan.configs
     for role, hosts in roles.items():
         for name in hosts:
             if name in configs:
-                raise PlanError(f"host {name} has two roles in scheme {cfg.scheme!r}")
-            configs[name] = {**base, "name": name, "role": role, "relay": role in cfg.tiers,
+                raise PlanError(f"host {name} has two roles in scheme {cfg.scheme.name!r}")
+            configs[name] = {**base, "name": name, "role": role, "relay": role in cfg.net.tiers,
                              "segments": placement.get(name, []), "peers": {}, "accept": [],
                              "compute": {**compute, "cycles_per_s": cycles.get(name)},
                              "checkpoint": checkpoint(name)}
-    if cfg.compression:  # every node packs and unpacks what crosses its cuts
+    if cfg.efficiency.compression:  # every node packs and unpacks what crosses its cuts
         for nc in configs.values():
-            nc["compression"] = cfg.compression
-    own = per_host(topo, "client_weights", cfg.client_weights, roles_of)
+            nc["compression"] = cfg.efficiency.compression
+    own = per_host(topo, "client_weights", cfg.to_dict()["devices"]["client_weights"], roles_of)
     for i, c in enumerate(clients):
         configs[c]["index"] = i
         if c in own:
             configs[c]["client_weights"] = own[c]
-        configs[c]["data"] = {"name": cfg.dataset, "root": cfg.data_root,
-                              "limit": cfg.train_limit, "indices": shards[i].tolist()}
+        configs[c]["data"] = {"name": cfg.data.dataset, "root": cfg.data.root,
+                              "limit": cfg.data.train_limit, "indices": shards[i].tolist()}
     # A client's connection to the server runs through its chain of relays, if any: the
     # client dials the first relay, each relay dials the next as that client.
     paths = [[d, *(chains.get(d, []) if r in roles["server"] else []), r]
              for d, r in scheme.connections(roles)]
     routers = sorted({h for p in paths for h in p[1:]})
     # A port per listening node, so the loopback network can share one address.
-    addr = {r: f"tcp://{ip(r)}:{cfg.port + i}" for i, r in enumerate(routers)}
+    addr = {r: f"tcp://{ip(r)}:{cfg.net.port + i}" for i, r in enumerate(routers)}
     plan.data_links = list(dict.fromkeys(q for p in paths for q in pairwise(p)))
     for dealer, *relays, router in paths:
         configs[dealer]["peers"][router] = addr[(*relays, router)[0]]
@@ -170,8 +171,9 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
             configs[b]["accept"].append(dealer)
     # Every node knows where each listener is (whose public key to expect there) and the
     # receive budget: frames above the largest message the run can send are refused unread.
-    budget = cfg.max_message_bytes or message_budget(model_kwargs, cfg.batch_size, len(clients))
-    conns = cfg.max_connections or 2 * len(topo.hosts()) + 8
+    budget = cfg.security.max_message_bytes or message_budget(
+        model_kwargs, cfg.train.batch_size, len(clients))
+    conns = cfg.security.max_connections or 2 * len(topo.hosts()) + 8
     for nc in configs.values():
         nc.update(listeners=dict(addr), max_message_bytes=budget, max_connections=conns)
     plan.shard_info = {c: {"samples": len(s),

@@ -37,7 +37,7 @@ from testbed.run.records import read_rounds
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = "topologies/cellular.py"
-DEFAULT_SCHEMES = ("fl", "sl", "sflv1", "sflv2", "psl", "epsl:phi=0.5", "epsl:phi=1")
+DEFAULT_SCHEMES = ("fl", "sl", "sflv1", "sflv2", "psl", "epsl,phi=0.5", "epsl,phi=1")
 MIB = 1 << 20
 
 
@@ -52,9 +52,11 @@ class Spec:
 
 
 def parse_spec(text: str) -> Spec:
-    """SCHEME[:KEY=VALUE,...], e.g. "epsl:phi=0.5"."""
-    name, _, opts = text.strip().partition(":")
-    options = parse_params([o for o in opts.split(",") if o], "--schemes")
+    """SCHEME[,KEY=VALUE,...] (the run's spec syntax), e.g. "epsl,phi=0.5"; "epsl:phi=0.5"
+    as well."""
+    head, colon, rest = text.strip().partition(":")
+    name, *opts = [head, *rest.split(",")] if colon else text.strip().split(",")
+    options = parse_params([o for o in opts if o], "--schemes")
     try:
         scheme = get_scheme(name, **options)
     except ValueError as e:
@@ -101,7 +103,8 @@ def round_metrics(rec: dict, clients: list[str], sequential: bool) -> dict[str, 
 
 def analyse_run(run_dir: str | Path) -> list[dict[str, Any]]:
     config = json.loads((Path(run_dir) / "config.json").read_text())
-    scheme = get_scheme(config["config"]["scheme"], **config["config"]["scheme_options"])
+    spec = config["config"]["scheme"]
+    scheme = get_scheme(spec["name"], **spec["options"])
     clients = config["roles"]["client"]
     return [round_metrics(r, clients, scheme.sequential_clients) for r in read_rounds(run_dir)]
 

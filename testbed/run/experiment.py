@@ -20,6 +20,7 @@ from contextlib import suppress
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import yaml
 import zmq
 
 from nodes.compression import make_codec
@@ -62,6 +63,10 @@ def _delta(now: dict, before: dict) -> dict:
     return out
 
 
+EXPERIMENT_HEAD = ("# sledge experiment: `sledge run <this file>` runs it again "
+                   "(docs/experiments.md)\n")
+
+
 class Experiment:
     runs_scenarios = False  # testbed.scenario.Experiment runs them (a hook)
 
@@ -76,14 +81,15 @@ class Experiment:
         on_round(exp, round): after each round is recorded. topology_args: {"name",
         "params"} the topology was built with (recorded for `sledge resume`); resume: from
         testbed.run.recovery.resume_state, continue that run folder. A scenario timeline
-        (cfg.scenario) needs testbed.Experiment (testbed.scenario), which runs it as a hook."""
-        cfg.validate()
+        (cfg.run.scenario) needs testbed.Experiment (testbed.scenario), which runs it as a hook."""
+        # As given, before the run changes anything (a free port on loopback): experiment.yaml
+        self.given = cfg.to_dict()
         self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
         self.on_start, self.on_ready = on_start, on_ready
         try:  # a bad scheme name or option fails here, before any network is built
-            self.scheme = get_scheme(cfg.scheme, **cfg.scheme_options)
+            self.scheme = get_scheme(cfg.scheme.name, **cfg.scheme.options)
         except ValueError as e:
-            raise BadInput(f"config field 'scheme': {e}") from None
+            raise BadInput(f"config field 'scheme.name': {e}") from None
         try:  # what this scheme cannot run (e.g. EPSL with per-client compression)
             self.scheme.check_run(cfg.to_dict())
         except ValueError as e:
@@ -113,19 +119,21 @@ class Experiment:
         # What layers above add to the run (testbed.run.hooks): a scenario's engine.
         self.hooks: list[RunHook] = []
         self.scenario: Any = None
-        if cfg.scenario and not self.runs_scenarios:
-            raise BadInput("config field 'scenario': this Experiment runs no scenarios; use "
+        if cfg.run.scenario and not self.runs_scenarios:
+            raise BadInput("config field 'run.scenario': this Experiment runs no scenarios; use "
                            "testbed.Experiment (testbed.scenario.Experiment)")
         self.topology_args = topology_args or {}
         self.resume = resume
-        self.pool = ClientPool(cfg.selection, cfg.seed)  # who takes part in each round
+        # who takes part in each round
+        self.pool = ClientPool(cfg.efficiency.selection, cfg.run.seed)
         self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.run.recovery)
         try:
-            self.host_roles = host_roles(topo, cfg.roles)
+            self.host_roles = host_roles(topo, cfg.net.roles)
             for key in ("cpu", "mem_mb"):
-                for h, v in per_host(topo, key, getattr(cfg, key), self.host_roles).items():
+                for h, v in per_host(topo, key, getattr(cfg.devices, key),
+                                     self.host_roles).items():
                     self.limits.setdefault(h, {})[key] = v
-            self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.cycles,
+            self.cycles: dict[str, float] = per_host(topo, "cycles", cfg.devices.cycles,
                                                      self.host_roles)
         except PlanError as e:
             raise BadInput(str(e)) from None
@@ -155,7 +163,7 @@ class Experiment:
         """A keypair for every host of the topology and for the controller, each node's own
         in its config with everyone's public keys (a spare host a migration starts later has
         its keys already). Node config files are written readable by root only."""
-        if self.cfg.insecure:
+        if self.cfg.security.insecure:
             return
         speaks = {n: sorted(c["proxies"]) for n, c in self.node_configs.items()
                   if c.get("proxies")}
@@ -192,6 +200,16 @@ class Experiment:
                             for n, c in self.node_configs.items()},
         }
 
+    def spec(self) -> dict[str, Any] | None:
+        """The experiment file that runs this experiment again (None: the topology is not a
+        script, e.g. a Topo made in Python)."""
+        if not self.topology or not os.path.isfile(self.topology):
+            return None
+        return {"topology": {"script": os.path.abspath(self.topology),
+                             "name": self.topology_args.get("name"),
+                             "params": self.topology_args.get("params") or {}},
+                "loopback": self.loopback, **self.given}
+
     # -- control --------------------------------------------------------------------------------
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -206,7 +224,7 @@ class Experiment:
                                f"without it, run with --loopback") from e
         if self.loopback:  # nodes share 127.0.0.1: their ports must be free there
             try:
-                cfg.port = free_port_block(cfg.port, len(self.topo.hosts()))
+                cfg.net.port = free_port_block(cfg.net.port, len(self.topo.hosts()))
             except ConfigError as e:
                 raise BadInput(str(e)) from e
         self.run_dir = (RunDir.existing(self.resume["path"]) if self.resume
@@ -218,10 +236,12 @@ class Experiment:
             for line in self.caps.describe():
                 console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
         try:
+            # Room for the summary from the start: a run failing on a full disk still says so.
+            self.run_dir.reserve("summary.json", {"status": "running"})
             self._ctl_dir = owned_tmpdir("ctl")
             if self.loopback:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1 "
-                              f"(ports from {cfg.port})")
+                              f"(ports from {cfg.net.port})")
                 self.network = LoopbackNetwork(self.topo, self.caps)
                 if self.limits:
                     console.print(f"[yellow]loopback network: cpu and mem_mb are NOT applied "
@@ -230,25 +250,27 @@ class Experiment:
                 from testbed.emu.network import build_network
 
                 self.network = build_network(self.topo, self.caps,
-                                             link_backend=cfg.link_backend, limits=self.limits)
+                                             link_backend=cfg.net.link_backend, limits=self.limits)
             for item in self.network.not_applied if not self.loopback else ():
                 console.print(f"[yellow]not applied on link {item['link']}: "
                               + ", ".join(f"{k}={v}" for k, v in item.items() if k != "link"))
             self.node_configs = self._plan().configs
             self._secure()
-            for nc in self.node_configs.values():
-                nc["heartbeat_s"] = cfg.heartbeat_s
             if not self.loopback:
                 self._install_routes()
-                if cfg.linkcheck:
+                if cfg.net.linkcheck:
                     self._linkcheck()
             if not self.resume:  # a resumed run keeps its config.json
                 self.run_dir.write_json("config.json", self._resolved_config())
-            test = load_dataset(cfg.dataset, "test", root=cfg.data_root, limit=cfg.test_limit,
-                                seed=cfg.seed)
-            evaluator = Evaluator(self.model_kwargs, cfg.cuts, test,
-                                  codec=make_codec(cfg.compression, cfg.seed)) \
-                if cfg.evaluate else None
+                if (spec := self.spec()) is not None:
+                    self.run_dir.write_text("experiment.yaml", EXPERIMENT_HEAD + yaml.safe_dump(
+                        spec, sort_keys=False, default_flow_style=None, width=100))
+            test = load_dataset(cfg.data.dataset, "test", root=cfg.data.root,
+                                limit=cfg.data.test_limit,
+                                seed=cfg.run.seed)
+            evaluator = Evaluator(self.model_kwargs, cfg.model.cuts, test,
+                                  codec=make_codec(cfg.efficiency.compression, cfg.run.seed)) \
+                if cfg.run.evaluate else None
             self._zctx = zmq.Context()
             hosts = self.topo.hosts()
             self._plane = Plane(self._zctx, self.run_id, self.security.get("controller"),
@@ -257,7 +279,7 @@ class Experiment:
                               self.node_configs[next(iter(self.node_configs))]["control"], hosts)
             if self.on_start:
                 self.on_start(self)
-            self.launcher = make_launcher(cfg.launcher)
+            self.launcher = make_launcher(cfg.run.launcher)
             first = self._resume_start() if self.resume else 1
             for name, nc in self.node_configs.items():
                 rel = os.path.join("nodes", f"{name}.json")
@@ -270,7 +292,7 @@ class Experiment:
                                                        self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
             with console.status("starting nodes"):
-                hello = self.control.collect("HELLO", 0, cfg.start_timeout_s, "start-up")
+                hello = self.control.collect("HELLO", 0, cfg.timeouts.start_s, "start-up")
             startup_s = time.perf_counter() - self._t_start
             # Round 1's traffic is counted from here: the data-plane HELLOs are start-up.
             self.control.startup_proto = {n: m.get("proto", {}) for n, m in hello.items()}
@@ -278,7 +300,7 @@ class Experiment:
                 rec["_proto"] = self.control.startup_proto
             if self.on_ready:
                 self.on_ready(self)
-            for rnd in range(first, cfg.rounds + 1):
+            for rnd in range(first, cfg.run.rounds + 1):
                 for hook in self.hooks:
                     hook.before_round(self, rnd)
                 self._round(rnd, evaluator)
@@ -290,13 +312,13 @@ class Experiment:
             bye = self.control.collect("BYE", 0, 60, "shutdown")
             for p in self.procs.values():
                 p.wait(30)
-            summary = summarize(self.rounds, planned=cfg.rounds)
+            summary = summarize(self.rounds, planned=cfg.run.rounds)
             summary["rejected"] = self.rejections(bye)
             # total_s sums the rounds; these are the run as a user waits for it.
             summary["wall_s"] = time.perf_counter() - self._t_start
             summary["startup_s"] = startup_s
             summary["recovery"] = self.recovery.summary([r["round"] for r in self.rounds],
-                                                        cfg.rounds)
+                                                        cfg.run.rounds)
             summary["status"] = "ok"
             self.run_dir.write_json("summary.json", summary)
             self._plot()
@@ -316,7 +338,7 @@ class Experiment:
 
     def _new_run_dir(self) -> RunDir:
         try:
-            return make_run_dir(self.cfg.out_dir, self.cfg.name)
+            return make_run_dir(self.cfg.run.out_dir, self.cfg.run.name)
         except ConfigError as e:
             raise BadInput(str(e)) from e
 
@@ -332,10 +354,13 @@ class Experiment:
         summary: dict[str, Any] = {}
         if self.rounds:
             with suppress(Exception):
-                summary = summarize(self.rounds, planned=self.cfg.rounds)
+                summary = summarize(self.rounds, planned=self.cfg.run.rounds)
         summary.update(status=status, reason=reason, rejected=self.rejections())
-        with suppress(OSError):  # a full disk must not hide the error that ended the run
+        try:
             self.run_dir.write_json("summary.json", summary)
+        except OSError:  # a full disk: into the space reserved at the start
+            with suppress(OSError):  # and it must not hide the error that ended the run
+                self.run_dir.overwrite("summary.json", summary)
 
     def _resume_start(self) -> int:
         """The first round to run when resuming; the recorded ones count as done."""
@@ -355,8 +380,8 @@ class Experiment:
             self.control.broadcast(rnd, cmd="round", iters=self.iters,
                             **({"clients": members} if members is not None else {}))
             try:
-                with console.status(f"round {rnd}/{self.cfg.rounds}: training"):
-                    reports = self.control.collect("REPORT", rnd, self.cfg.round_timeout_s,
+                with console.status(f"round {rnd}/{self.cfg.run.rounds}: training"):
+                    reports = self.control.collect("REPORT", rnd, self.cfg.timeouts.round_s,
                                             f"round {rnd}")
                 break
             except NodesDead as e:
@@ -398,7 +423,7 @@ class Experiment:
             rec["test_acc"] = sum(per_client.values()) / len(per_client)
         self.run_dir.append("rounds.jsonl", rec)
         self.rounds.append({**rec, "_proto": {n: r["proto"] for n, r in reports.items()}})
-        console.print(round_line(rec, self.cfg.rounds))
+        console.print(round_line(rec, self.cfg.run.rounds))
         if self.on_round:
             self.on_round(self, rnd)
 
@@ -424,15 +449,15 @@ class Experiment:
     def _install_routes(self) -> None:
         """The controller's host routes, before any node starts: between the hosts that talk
         on the data plane (the scheme's (dealer, router) pairs, hop by hop along chains), or
-        all hosts (cfg.routes). On an L2 tree they pin what the switches would do anyway; on
+        all hosts (cfg.net.routes). On an L2 tree they pin what the switches would do anyway; on
         a routed topology (mesh) nothing crosses without them."""
         from testbed.emu.routing import Controller, RouteError
 
-        if self.cfg.routes == "off":
+        if self.cfg.net.routes == "off":
             return
-        self.controller = Controller(self.network, metric=self.cfg.route_metric,
+        self.controller = Controller(self.network, metric=self.cfg.net.route_metric,
                                      echo=console.print)
-        pairs = None if self.cfg.routes == "all" else self.data_links
+        pairs = None if self.cfg.net.routes == "all" else self.data_links
         try:
             self.controller.install(pairs)
         except RouteError as e:

@@ -29,15 +29,15 @@ def check_data(cfg: RunConfig) -> dict[str, Any]:
     from nodes.data import dataset_info, load_dataset
 
     try:
-        info = dataset_info(cfg.dataset)
+        info = dataset_info(cfg.data.dataset)
     except ValueError as e:
-        raise ConfigError(f"config field 'dataset': {_one_line(e)}") from e
+        raise ConfigError(f"config field 'data.dataset': {_one_line(e)}") from e
     for split in ("train", "test"):
         try:
-            load_dataset(cfg.dataset, split, root=cfg.data_root, limit=1, seed=cfg.seed)
+            load_dataset(cfg.data.dataset, split, root=cfg.data.root, limit=1, seed=cfg.run.seed)
         except (OSError, ValueError, EOFError) as e:
-            where = f" {cfg.data_root!r}" if cfg.data_root else ""
-            raise ConfigError(f"config field 'data_root'{where}: data set {cfg.dataset!r} "
+            where = f" {cfg.data.root!r}" if cfg.data.root else ""
+            raise ConfigError(f"config field 'data.root'{where}: data set {cfg.data.dataset!r} "
                               f"({split}): {_one_line(e)}") from e
     return info
 
@@ -47,14 +47,14 @@ def check_model(cfg: RunConfig, info: dict[str, Any]) -> None:
     from nodes.models import build_model, split_model
 
     try:
-        model = build_model(cfg.model, num_classes=info["num_classes"],
+        model = build_model(cfg.model.name, num_classes=info["num_classes"],
                             in_channels=info["in_channels"], image_size=info["image_size"])
     except ValueError as e:
-        raise ConfigError(f"config field 'model': {_one_line(e)}") from e
+        raise ConfigError(f"config field 'model.name': {_one_line(e)}") from e
     try:
-        split_model(model, cfg.cuts)
+        split_model(model, cfg.model.cuts)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"config field 'cuts': {_one_line(e)}") from e
+        raise ConfigError(f"config field 'model.cuts': {_one_line(e)}") from e
 
 
 def check_links(topo: Any) -> None:
@@ -77,7 +77,7 @@ def check_out_dir(out_dir: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"config field 'out_dir' {out_dir!r}: {e.strerror or e}") from e
+        raise ConfigError(f"config field 'run.out_dir' {out_dir!r}: {e.strerror or e}") from e
 
 
 def make_run_dir(out_dir: str, name: str) -> RunDir:
@@ -86,7 +86,7 @@ def make_run_dir(out_dir: str, name: str) -> RunDir:
     try:
         return RunDir(out_dir, name)
     except OSError as e:
-        raise ConfigError(f"config field 'out_dir' {out_dir!r}: {e.strerror or e}") from e
+        raise ConfigError(f"config field 'run.out_dir' {out_dir!r}: {e.strerror or e}") from e
 
 
 def preflight(cfg: RunConfig, topo: Any) -> None:
@@ -119,5 +119,5 @@ def free_port_block(first: int, count: int) -> int:
         if all(_free(p) for p in range(base, base + count)):
             return base
         base += count
-    raise ConfigError(f"config field 'port': no {count} consecutive free ports on 127.0.0.1 "
+    raise ConfigError(f"config field 'net.port': no {count} consecutive free ports on 127.0.0.1 "
                       f"from {first}")

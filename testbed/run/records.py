@@ -47,6 +47,24 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any, *, private: bool = False) -> None:
         """Write atomically; `private`: readable by the owner only (files holding keys)."""
+        self.write_text(name, json.dumps(obj, indent=2, default=str), private=private)
+
+    def reserve(self, name: str, obj: Any, size: int = 16384) -> None:
+        """Write `obj` padded to `size` bytes, so that a later `overwrite` of at most that size
+        needs no new space: the run's summary can still say why it failed on a full disk."""
+        text = json.dumps(obj)
+        self.write_text(name, text + " " * max(0, size - len(text)))
+
+    def overwrite(self, name: str, obj: Any) -> None:
+        """Rewrite a reserved file in place (no new blocks), then cut it to length."""
+        data = json.dumps(obj, indent=2, default=str).encode()
+        with _naming(self.path / name), open(self.path / name, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_text(self, name: str, text: str, *, private: bool = False) -> None:
         target = self.path / name
         tmp = target.with_name(f".{target.name}.tmp")
         with _naming(target):
@@ -55,7 +73,7 @@ class RunDir:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                              0o600 if private else 0o644)
                 with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps(obj, indent=2, default=str))
+                    f.write(text)
             except OSError:
                 tmp.unlink(missing_ok=True)  # no half-written file left on a full disk
                 raise

@@ -56,8 +56,8 @@ class Recovery:
     def __init__(self, exp: Experiment) -> None:
         cfg = exp.cfg
         self.exp = exp
-        self.enabled = cfg.max_restarts > 0 and bool(cfg.heartbeat_s)
-        self.liveness = Liveness(cfg.heartbeat_s, cfg.heartbeat_misses)
+        self.enabled = cfg.fault.max_restarts > 0 and bool(cfg.fault.heartbeat_s)
+        self.liveness = Liveness(cfg.fault.heartbeat_s, cfg.fault.heartbeat_misses)
         self.epoch = 0
         self.failures = self.restarts = self.rollbacks = 0
         self.redone: list[int] = []  # one entry per redo of a round
@@ -106,10 +106,10 @@ class Recovery:
         for n, why in sorted(dead.items()):
             exp.log_event({"kind": "node_dead", "node": n, "round": rnd, "why": why,
                        "time": time.time()})
-        if self.restarts + len(dead) > exp.cfg.max_restarts:
+        if self.restarts + len(dead) > exp.cfg.fault.max_restarts:
             raise RunFailed(f"round {rnd}: node(s) {sorted(dead)} died ({dead}); the run "
                             f"already used {self.restarts} of max_restarts="
-                            f"{exp.cfg.max_restarts} restarts")
+                            f"{exp.cfg.fault.max_restarts} restarts")
         survivors = [n for n in exp.procs if n not in dead]
         self.down |= set(dead)
         self.epoch += 1
@@ -126,7 +126,7 @@ class Recovery:
         to_round = rnd - 1
         for n in survivors:
             exp.control.send(n, rnd, cmd="rollback", epoch=self.epoch, to_round=to_round)
-        exp.control.collect("REPORT", rnd, exp.cfg.start_timeout_s, f"round {rnd}: rollback",
+        exp.control.collect("REPORT", rnd, exp.cfg.timeouts.start_s, f"round {rnd}: rollback",
                             nodes=survivors)
         self.rollbacks += 1
         exp.log_event({"kind": "rollback", "round": rnd, "to_round": to_round, "epoch": self.epoch,
@@ -134,8 +134,8 @@ class Recovery:
         for n in sorted(dead):
             self.restart(n, to_round)
         for n, m in rejoin_plan(exp.node_configs, list(dead)).items():
-            exp.control.send(n, rnd, cmd="rejoin", **m, timeout_s=exp.cfg.start_timeout_s)
-        hello = exp.control.collect("HELLO", 0, exp.cfg.start_timeout_s,
+            exp.control.send(n, rnd, cmd="rejoin", **m, timeout_s=exp.cfg.timeouts.start_s)
+        hello = exp.control.collect("HELLO", 0, exp.cfg.timeouts.start_s,
                                     f"round {rnd}: restart", nodes=list(dead))
         self.aborted.clear()
         self.redone.append(rnd)

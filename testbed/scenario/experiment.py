@@ -1,6 +1,6 @@
 """An experiment with a timeline: testbed.run's Experiment plus the scenario engine as a hook.
 
-`Experiment` (exported as testbed.Experiment) accepts `scenario=` (or cfg.scenario, a YAML
+`Experiment` (exported as testbed.Experiment) accepts `scenario=` (or cfg.run.scenario, a YAML
 path) and runs it with `ScenarioHook`: round-triggered events on the main thread at the round
 boundaries, time-triggered ones on the engine's timer thread from round 1, everything under
 the experiment's event lock; a failure on the timer thread is raised on the main thread as a
@@ -30,7 +30,7 @@ class ScenarioHook(RunHook):
     def validate(self, exp: Any) -> None:
         """Before anything is built: the timeline's hosts, links, rounds and reactions."""
         try:
-            self.scenario.check(exp.topo, exp.reactions, exp.cfg.rounds)
+            self.scenario.check(exp.topo, exp.reactions, exp.cfg.run.rounds)
         except ScenarioError as e:
             raise self._fail(e) from None
 
@@ -38,7 +38,7 @@ class ScenarioHook(RunHook):
         if exp.scenario_runner is None:
             exp.scenario_runner = ScenarioRunner(
                 self.scenario, exp.topo, link_ops(exp.network, exp.topo, exp.controller),
-                seed=exp.cfg.seed, reactions=exp.reactions,
+                seed=exp.cfg.run.seed, reactions=exp.reactions,
                 exp=exp, log=exp.log_event, lock=exp.event_lock,
                 cells=lambda h: exp.attachment.get(h, exp.topo.nodeInfo(h).get("cell")))
         return exp.scenario_runner
@@ -90,7 +90,7 @@ class Experiment(BaseExperiment):
     def __init__(self, cfg: Any, topo: Any, *, scenario: Scenario | None = None,
                  **kwargs: Any) -> None:
         """As testbed.run.experiment.Experiment; `scenario`: a timeline to run (else
-        cfg.scenario's YAML file, if set). `reactions` (kind -> fn) starts as the reactions
+        cfg.run.scenario's YAML file, if set). `reactions` (kind -> fn) starts as the reactions
         table (testbed.scenario.reactions) and may be changed for this run."""
         super().__init__(cfg, topo, **kwargs)
         self.reactions = reactions_for()
@@ -98,8 +98,17 @@ class Experiment(BaseExperiment):
         # host -> cell after handovers (testbed.scenario.migration)
         self.attachment: dict[str, int | None] = {}
         try:
-            self.scenario = scenario or (Scenario.load(cfg.scenario) if cfg.scenario else None)
+            self.scenario = scenario or (Scenario.load(cfg.run.scenario) if cfg.run.scenario
+                                         else None)
         except ScenarioError as e:
             raise BadInput(str(e)) from None
         if self.scenario is not None:
             self.hooks.append(ScenarioHook(self.scenario))
+
+    def spec(self) -> dict[str, Any] | None:
+        """As the run's, with the timeline inline (the file it came from may change)."""
+        spec = super().spec()
+        if spec is not None and self.scenario is not None:
+            spec["run"] = {**spec["run"], "scenario": None}
+            spec["scenario"] = self.scenario.to_dict()
+        return spec

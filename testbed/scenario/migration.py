@@ -176,7 +176,7 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
     exp.procs[new] = exp.launcher.start(exp.network.host(new), exp.run_dir.file(path),
                                         exp.run_dir.file("logs", f"{new}.log"))
     exp.node_configs[new] = nc
-    exp.control.collect("HELLO", 0, cfg.start_timeout_s, f"migration to {new}: start-up",
+    exp.control.collect("HELLO", 0, cfg.timeouts.start_s, f"migration to {new}: start-up",
                         nodes=[new])
     t_started = time.perf_counter()
     _add_route_pairs(exp, [(old, new)])
@@ -184,7 +184,7 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
     before = exp.network.counters()
     exp.control.send(new, rnd, cmd="migrate_in", **{"from": old})
     exp.control.send(old, rnd, cmd="migrate_out", addr=addr, to=new)
-    acks = exp.control.collect("REPORT", rnd, cfg.round_timeout_s, f"migration {old} -> {new}",
+    acks = exp.control.collect("REPORT", rnd, cfg.timeouts.round_s, f"migration {old} -> {new}",
                         nodes=[old, new])
     t_moved = time.perf_counter()
     ifaces = counter_delta(exp.network.counters(), before)
@@ -202,7 +202,7 @@ def migrate(exp: Experiment, new: str, rnd: int) -> dict[str, Any]:
     rest = [n for n in exp.procs if n != old]
     for n in rest:
         exp.control.send(n, rnd, cmd="repoint", old=old, new=new, addr=addr, accept=dialled)
-    repointed = exp.control.collect("REPORT", rnd, cfg.start_timeout_s, "repoint", nodes=rest)
+    repointed = exp.control.collect("REPORT", rnd, cfg.timeouts.start_s, "repoint", nodes=rest)
     t_done = time.perf_counter()
     proc = exp.procs.pop(old)  # first: its exit must not look like a death (testbed.run.recovery)
     exp.control.send(old, rnd, cmd="stop")
@@ -265,7 +265,7 @@ def _migrate_at_boundary(exp: Experiment, follow: str | None) -> None:
     target = serving_edge(exp, follow)  # later handovers may have changed it again
     if target == exp.roles["server"][0]:
         return
-    if rnd > exp.cfg.rounds:
+    if rnd > exp.cfg.run.rounds:
         exp.log_event({"kind": "migration_skipped", "to": target, "reason": "no round left"})
         return
     exp.log_event(migrate(exp, target, rnd))
