@@ -118,6 +118,10 @@ class NodeContext:
     loss_n: int = 0
     samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the node is doing, for the controller's progress line (sent with each heartbeat):
+    # starting | training | waiting (for a peer's message) | idle; optimizer steps this round.
+    state: str = "starting"
+    iteration: int = 0
     counters: Counter[str] = field(default_factory=Counter)
     rx_tensors: set[str] = field(default_factory=set)  # "TYPE:name" of every tensor received
     _pending: dict[int, deque] = field(default_factory=dict)
@@ -153,6 +157,7 @@ class NodeContext:
                 self.optimizers[i].zero_grad(set_to_none=True)
 
     def step(self, segs: Iterable[int] | None = None) -> None:
+        self.iteration += 1
         if self.wquant is not None:
             self.wquant.before_step()
         for i in self._held(segs):
@@ -234,7 +239,11 @@ class NodeContext:
                 got = pending[i]
                 del pending[i]
             while got is None:
-                sender, msg = ep.recv(self.step_timeout_s)
+                self.state = "waiting"
+                try:
+                    sender, msg = ep.recv(self.step_timeout_s)
+                finally:
+                    self.state = "training"
                 self.rx_tensors.update(f"{msg.type}:{t}" for t in msg.tensors)
                 if peer is not None and sender != peer:
                     pending.append((sender, msg))
@@ -291,6 +300,8 @@ class NodeContext:
         self.extra = {}
         self.counters = Counter()
         self.rx_tensors = set()
+        self.iteration = 0
+        self.state = "training"
 
     # -- checkpoints and recovery (docs/fault-tolerance.md) -----------------------------------
     def checkpoint(self, rnd: int) -> None:

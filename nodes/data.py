@@ -12,13 +12,18 @@ Models, training loops and transport live elsewhere; they see only ArrayDataset.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from nodes.imports import is_reference, resolve
 
 SPLITS = ("train", "test")
 SCHEMES = ("iid", "dirichlet")
@@ -265,14 +270,61 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise ValueError(f"name: unknown data set {name!r}; valid: {sorted(DATASETS)}")
+        raise ValueError(f"name: unknown data set {name!r}; valid: {sorted(DATASETS)} or your "
+                         f"own as pkg.module:load or path/to/file.py:load")
     return DATASETS[name]
 
 
-def dataset_info(name: str) -> dict:
-    """Shape facts a model needs, without touching any file."""
+def dataset_info(name: str, root: str | None = None) -> dict:
+    """Shape facts a model needs, without touching any file (a user's data set: loaded once)."""
+    if is_reference(name):
+        train, _ = user_dataset(name, root)
+        return {"in_channels": int(train.x.shape[1]), "image_size": int(train.x.shape[-1]),
+                "num_classes": train.num_classes}
     s = _spec(name)
     return {"in_channels": s.in_channels, "image_size": s.image_size, "num_classes": s.num_classes}
+
+
+@functools.lru_cache(maxsize=4)
+def user_dataset(ref: str, root: str | None = None) -> tuple[ArrayDataset, ArrayDataset]:
+    """The user's data set `ref`: a function returning (train, test), each an (x, y) pair of
+    tensors or arrays or a torch Dataset of (x, y) items; called with `root` if it takes it.
+    Images are N x C x H x W (N x H x W gets one channel); labels 0..classes-1. They are used
+    as given (standardise them in the loader)."""
+    load = resolve(ref, "dataset")
+    takes_root = "root" in inspect.signature(load).parameters
+    try:
+        got = load(root=root) if takes_root else load()
+    except Exception as e:  # the user's code: say whose and what
+        raise ValueError(f"dataset {ref!r}: loading raised {type(e).__name__}: {e}") from None
+    try:
+        train, test = got
+    except (TypeError, ValueError):
+        raise ValueError(f"dataset {ref!r}: expected load() -> (train, test), got "
+                         f"{type(got).__name__}") from None
+    parts = [_as_arrays(ref, split, d) for split, d in (("train", train), ("test", test))]
+    classes = int(max(int(y.max()) for _, y in parts)) + 1
+    return tuple(ArrayDataset(x, y, classes, ref) for x, y in parts)  # type: ignore[return-value]
+
+
+def _as_arrays(ref: str, split: str, d: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(d, (tuple, list)) and len(d) == 2:
+        x, y = d
+    elif hasattr(d, "__len__") and hasattr(d, "__getitem__"):  # a torch Dataset
+        items = [d[i] for i in range(len(d))]
+        x = torch.stack([torch.as_tensor(a) for a, _ in items])
+        y = torch.as_tensor([int(b) for _, b in items])
+    else:
+        raise ValueError(f"dataset {ref!r}: {split} is a {type(d).__name__}, not (x, y) or a "
+                         f"Dataset")
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float()
+    y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y).long()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4 or len(x) != len(y) or len(y) == 0 or int(y.min()) < 0:
+        raise ValueError(f"dataset {ref!r}: {split} must be N x C x H x W images and N labels "
+                         f">= 0, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    return x.contiguous(), y
 
 
 def load_dataset(
@@ -288,9 +340,14 @@ def load_dataset(
 
     `image_size` applies to ham10000 only (its JPEGs are resized; default 64).
     """
-    spec = _spec(name)
     if split not in SPLITS:
         raise ValueError(f"split: unknown split {split!r}; valid: {list(SPLITS)}")
+    if is_reference(name):
+        data = user_dataset(name, root)[SPLITS.index(split)]
+        if limit is not None:
+            data = data.subset(np.random.default_rng(seed).permutation(len(data))[:limit])
+        return data
+    spec = _spec(name)
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be >= 1 or None, got {limit}")
     if image_size is not None and (name != "ham10000" or image_size < 1):

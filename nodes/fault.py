@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -33,8 +34,10 @@ class Heartbeat(threading.Thread):
     """Beats to the controller every `interval_s` and receives ABORTs, on its own socket."""
 
     def __init__(self, plane: Plane, name: str, control: str,
-                 interval_s: float, epoch: int = 0) -> None:
+                 interval_s: float, epoch: int = 0,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__(name=f"heartbeat-{name}", daemon=True)
+        self.status = status or dict  # what the node is doing, sent with each beat
         self.plane, self.node, self.control = plane, name, control
         self.interval_s = interval_s
         self.abort_epoch = epoch  # the highest epoch the controller asked to abort towards
@@ -52,7 +55,7 @@ class Heartbeat(threading.Thread):
                 if now >= next_beat:
                     ep.epoch = self.abort_epoch  # the controller drops beats of older epochs
                     with contextlib.suppress(TimeoutError):
-                        ep.send("HEARTBEAT", meta={"n": self.beats})
+                        ep.send("HEARTBEAT", meta={"n": self.beats, **self.status()})
                         self.beats += 1
                     next_beat = now + self.interval_s
                 try:
@@ -76,7 +79,8 @@ def start_heartbeat(ctx: NodeContext, zctx: zmq.Context, config: dict[str, Any]
     interval = config["fault"]["heartbeat_s"] if config.get("fault") else None
     if not interval:
         return None
-    hb = Heartbeat(ctx.plane, ctx.name, config["control"], float(interval), ctx.epoch)
+    hb = Heartbeat(ctx.plane, ctx.name, config["control"], float(interval), ctx.epoch,
+                   status=lambda: {"state": ctx.state, "iteration": ctx.iteration})
     hb.start()
     ctx.set_interrupt(lambda: hb.abort_epoch > ctx.epoch)
     return hb

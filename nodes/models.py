@@ -25,15 +25,19 @@ This module knows nothing about transport, codecs, scheduling or training
 schemes; those consume the segments built here.
 """
 
+import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import nn
+
+from nodes.imports import is_reference, resolve
 
 MODEL_NAMES = ("smallcnn", "resnet18")
 STEMS = ("auto", "cifar", "imagenet")
@@ -179,8 +183,19 @@ def build_model(
     With a seed, weights are drawn under torch.manual_seed(seed) in a forked RNG,
     so the global RNG stream is left exactly as it was.
     """
+    if is_reference(name):  # the user's own: pkg.module:factory or file.py:factory
+        def build_user() -> UnitSequential:
+            return user_model(name, num_classes=num_classes, in_channels=in_channels,
+                              image_size=image_size)
+
+        if seed is None:
+            return build_user()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_user()
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name={name!r}; valid choices: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model name={name!r}; valid choices: {', '.join(MODEL_NAMES)} "
+                         f"or your own as pkg.module:factory or path/to/file.py:factory")
     if stem not in STEMS:
         raise ValueError(f"unknown stem={stem!r}; valid choices: {', '.join(STEMS)}")
     if name == "smallcnn" and stem != "auto":
@@ -203,6 +218,64 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def user_model(ref: str, **shape: int) -> UnitSequential:
+    """The user's model `ref` (an nn.Module factory, called with those of num_classes,
+    in_channels and image_size it takes) as named units: the children of an nn.Sequential,
+    else the top-level children in the order its forward calls them (torch.fx), each with the
+    functions between them, provided one tensor passes from each to the next."""
+    factory = resolve(ref, "model")
+    if not callable(factory):
+        raise ValueError(f"model {ref!r}: {type(factory).__name__} is not a factory (a class "
+                         f"or function returning an nn.Module)")
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    try:
+        model = factory(**{k: v for k, v in shape.items() if takes_any or k in params})
+    except Exception as e:  # the user's code: say whose and what
+        raise ValueError(f"model {ref!r}: building it raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {ref!r}: returned {type(model).__name__}, not an nn.Module")
+    if isinstance(model, nn.Sequential):
+        return UnitSequential(OrderedDict(model.named_children()))
+    return _units_by_tracing(model, ref)
+
+
+def _units_by_tracing(model: nn.Module, ref: str) -> UnitSequential:
+    from torch.fx import symbolic_trace
+    from torch.fx.passes.split_module import split_module
+
+    try:
+        gm = symbolic_trace(model)
+    except Exception as e:
+        raise ValueError(f"model {ref!r}: not an nn.Sequential and torch.fx cannot trace it "
+                         f"({type(e).__name__}: {e}); return an nn.Sequential of its parts"
+                         ) from None
+    order: list[str] = []
+    unit_of: dict[Any, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            top = str(node.target).split(".")[0]
+            if not order or order[-1] != top:
+                if top in order:
+                    raise ValueError(f"model {ref!r}: child {top!r} is called again after "
+                                     f"{order[-1]!r}; its parts are not one sequence")
+                order.append(top)
+        unit_of[node] = max(len(order) - 1, 0)
+    if not order:
+        raise ValueError(f"model {ref!r}: has no child modules to cut between")
+    split = split_module(gm, model, lambda n: unit_of[n])
+    calls = [n for n in split.graph.nodes if n.op == "call_module"]
+    prev = next(n for n in split.graph.nodes if n.op == "placeholder")
+    for i, call in enumerate(calls):
+        if len(call.args) != 1 or call.args[0] is not prev or call.kwargs:
+            raise ValueError(f"model {ref!r}: more than one tensor passes into "
+                             f"{order[i]!r} (a skip connection across top-level children?); "
+                             f"wrap such parts in one child module")
+        prev = call
+    return UnitSequential(OrderedDict((order[i], getattr(split, str(c.target)))
+                                      for i, c in enumerate(calls)))
 
 
 def cut_points(model: nn.Sequential) -> list[str]:

@@ -131,6 +131,7 @@ def run_node(config: dict[str, Any]) -> int:
         control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role,
                                     "proto": ctx.proto_stats()})
         all_clients = list(ctx.clients)
+        ctx.state = "idle"
         while True:
             _, msg = control.recv(config.get("idle_timeout_s", 3600.0))
             cmd = msg.meta.get("cmd") if msg.type == "CTRL" else None
@@ -151,6 +152,7 @@ def run_node(config: dict[str, Any]) -> int:
                 ctx.extra["round_s"] = time.perf_counter() - t0
                 compression_report(ctx)
                 ctx.checkpoint(msg.round)
+                ctx.state = "idle"
                 control.send("REPORT", round=msg.round, meta=ctx.round_report())
             elif cmd in RECOVERY:  # between attempts of a round (nodes.fault)
                 out = RECOVERY[cmd](ctx, scheme, zctx, msg.meta)

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(mininet iperf3 iproute2 bridge-utils iputils-ping ethtool procps
-          python3-venv python3-dev dataset-fashion-mnist)
+          python3-venv python3-dev dataset-fashion-mnist chromium)
 TORCH_VERSION=${SLEDGE_TORCH_VERSION:-2.13.0}
 
 if [ "$(id -u)" -ne 0 ]; then

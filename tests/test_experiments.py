@@ -124,3 +124,19 @@ def test_sledge_list_names_what_a_run_can_use(capsys):
     assert capsys.readouterr().out.split() == ["conv1", "conv2", "fc1"]
     assert main(["list", "cuts", "--model", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_the_readme_api_example_runs(tmp_path, monkeypatch):
+    """The Python example of the README, as written (its relative paths from a folder that
+    has the project's topologies)."""
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "topologies").symlink_to(ROOT / "topologies")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["summary"]["status"] == "ok" and scope["summary"]["rounds"] == 2
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "report.md").exists() and (run / "report.html").exists()
+    assert scope["exp"]._torn_down

@@ -88,6 +88,37 @@ def test_the_runs_experiment_yaml_reproduces_it_bit_for_bit(psl_run, tmp_path, n
     assert first == second
 
 
+def test_the_report_shows_what_rounds_jsonl_holds_and_renders_offline(psl_run, tmp_path):
+    """report.md and report.html are written; the HTML's panel data is rounds.jsonl's (loss,
+    accuracy, latency = compute + communication, bytes per link and node summed over the
+    rounds), and headless Chromium with no network at all decodes every panel."""
+    import re
+    import shutil
+
+    exp, _, rounds, *_ = psl_run
+    folder = exp.run_dir.path
+    md = (folder / "report.md").read_text()
+    assert "status: **ok**" in md and f"| 3 | {rounds[-1]['train_loss']:.4f} |" in md
+    page = (folder / "report.html").read_text()
+    data = json.loads(re.search(r'id="panel-data">(.*?)</script>', page, re.S).group(1))
+    assert [(r["round"], r["train_loss"], r["test_acc"], r["wall_s"]) for r in data["rounds"]
+            ] == [(r["round"], r["train_loss"], r["test_acc"], r["wall_s"]) for r in rounds]
+    for r in data["rounds"]:
+        assert r["compute_s"] > 0 and r["compute_s"] + r["comm_s"] >= r["wall_s"] - 1e-9
+    for intf, sums in data["links"].items():
+        assert sums["tx_bytes"] == sum(r["interfaces"][intf]["tx_bytes"] for r in rounds)
+    assert data["nodes"]["c1"]["tx_bytes"] == sum(r["nodes"]["c1"]["tx_bytes"] for r in rounds)
+    assert {"c1-eth0", "srv-eth0"} <= set(data["links"])
+    browser = shutil.which("chromium")
+    assert browser, "chromium is installed by scripts/setup.sh"
+    dom = subprocess.run(["unshare", "-n", browser, "--headless", "--no-sandbox",
+                          "--disable-gpu", f"--user-data-dir={tmp_path}", "--dump-dom",
+                          f"file://{folder}/report.html"], capture_output=True, text=True,
+                         timeout=120)
+    panels = page.count("<figure")
+    assert panels == 4 and f'data-panels="{panels}"' in dom.stdout, dom.stderr[-500:]
+
+
 def test_run_leaves_nothing_behind(psl_run):
     *_, before, after = psl_run
     leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}

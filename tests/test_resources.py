@@ -104,7 +104,7 @@ def test_allocate_run_picks_the_cut_and_declares_per_ue_shapers():
     cfg = RunConfig(scheme="psl", dataset="digits", cuts=["conv1"], batch_size=16,
                     cycles={"client": 0.1e9, "server": 1e9}, flops_per_cycle=16)
     new, hook = allocate_run(topo, cfg, "static", log=lambda _: None)
-    assert new.cuts == ["fc1"]  # the smallest activation on a starved cell
+    assert new.model.cuts == ["fc1"]  # the smallest activation on a starved cell
     shaped = [i for a, b, i in topo.links(withInfo=True) if {a, b} & {"ue1", "ue2"}]
     assert all("bw_up" in i and "bw_down" in i for i in shaped) and len(shaped) == 2
     with pytest.raises(ValueError, match="--cycles"):

@@ -44,8 +44,10 @@ class Scheme:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            REGISTRY[cls.name] = cls
+        # The first class of a name keeps it: a user's subclass of PSL (named by reference,
+        # nodes.imports) inherits "psl" and must not replace the built-in under that name.
+        if cls.name and "name" in cls.__dict__:
+            REGISTRY.setdefault(cls.name, cls)
 
     def __init__(self, **opts: Any) -> None:
         unknown = set(opts) - set(self.options)

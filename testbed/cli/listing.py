@@ -16,6 +16,13 @@ def cmd_list(a: argparse.Namespace) -> int:
             opts = ", ".join(f"{k}={v!r}" for k, v in cls.options.items())
             print(f"{name:10} {cls.label or name:10} roles {'/'.join(cls.roles)}"
                   f"{'; options ' + opts if opts else ''}")
+    elif a.what == "topologies":
+        from testbed.emu.topology import TOPOLOGIES, known_topologies
+
+        for name in known_topologies():
+            doc = (TOPOLOGIES / f"{name}.py").read_text().split('"""')
+            first = doc[1].strip().splitlines()[0] if len(doc) > 2 else ""
+            print(f"{name:14} {first}")
     elif a.what == "models":
         from nodes.models import MODEL_NAMES
 
@@ -44,8 +51,9 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("list", help="list the schemes, models, data sets or a model's cut points")
-    p.add_argument("what", choices=["schemes", "models", "datasets", "cuts"])
+    p = sub.add_parser("list", help="list the schemes, models, data sets, topologies or a "
+                                    "model's cut points")
+    p.add_argument("what", choices=["schemes", "models", "datasets", "cuts", "topologies"])
     p.add_argument("--model", default="smallcnn", help="for cuts: the model (default smallcnn)")
     p.add_argument("--dataset", default="digits",
                    help="for cuts: the data set that shapes its input (default digits)")

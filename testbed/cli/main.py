@@ -15,6 +15,7 @@ import errno
 import logging
 import sys
 import traceback
+from typing import Any
 
 from testbed.cli.options import add_run_options, overrides
 from testbed.emu.topology import _one_line, load_topology, parse_params
@@ -22,6 +23,8 @@ from testbed.errors import ConfigError
 from testbed.plan.config import RunConfig
 from testbed.run.versions import sledge_version
 from testbed.scenario.spec import Prepared, from_script, prepare, read
+
+CLI_MOMENTS = ("start", "between_rounds", "end")
 
 
 def prepared(a: argparse.Namespace) -> Prepared:
@@ -52,8 +55,51 @@ def cmd_run(a: argparse.Namespace) -> int:
             cfg, on_start = allocate_run(p.topo, cfg, a.allocate, log=console.print)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    Experiment(cfg, p.topo, on_start=on_start, **p.kwargs).run()
+    when = a.cli or p.cli
+    if when and p.kwargs.get("loopback"):
+        console.print(f"--cli {when}: no mininet> prompt on the loopback network (there is no "
+                      f"emulated network to look at)")
+    elif when:
+        p.kwargs["on_ready" if when == "start" else "on_round"] = prompt(when)
+    with Experiment(cfg, p.topo, on_start=on_start, **p.kwargs) as exp:
+        exp.run()
     return 0
+
+
+def prompt(when: str) -> Any:
+    """Mininet's own CLI on the run's network, with the nodes up: at the start (before round 1,
+    the nodes wait idle), between rounds (after each but the last) or at the end (after the last
+    round, before teardown). Leave it (exit, Ctrl-D) to go on."""
+    from mininet.cli import CLI
+    from mininet.log import lg, setLogLevel
+
+    from testbed.run.records import console
+
+    def open_cli(exp: Any, rnd: int | None = None) -> None:
+        last = exp.cfg.run.rounds
+        if rnd is not None and (rnd == last) != (when == "end"):
+            return
+        moment = ("before round 1" if rnd is None else "after the last round" if rnd == last
+                  else f"after round {rnd} of {last}")
+        console.print(f"[bold]mininet> with the nodes up, {moment}: pingall, iperf c1 srv, "
+                      f"link c1 s1 down, c1 ip addr, ... ; exit (or Ctrl-D) to go on")
+        if exp.progress is not None:  # the live progress line must not draw over the prompt
+            exp.progress.bar.stop()
+        net = exp.network.net
+        # pingall and friends over the topology's hosts: a link's relay node (no IP) is
+        # still there by name (x1 ...), not among the hosts that ping each other.
+        hosts, net.hosts = net.hosts, [net.get(h) for h in exp.topo.hosts()]
+        level = lg.level
+        setLogLevel("info")  # as `mn` does: the prompt's commands print through Mininet's log
+        try:
+            CLI(net)
+        finally:
+            lg.setLevel(level)
+            net.hosts = hosts
+            if exp.progress is not None:
+                exp.progress.bar.start()
+
+    return open_cli
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
@@ -118,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PSL/EPSL: the resource manager picks the cut (and, static, each UE's "
                         "share of its cell); needs modelled compute (devices.cycles): "
                         "docs/latency.md")
+    r.add_argument("--cli", nargs="?", const="start", choices=CLI_MOMENTS,
+                   help="Mininet's mininet> prompt on the run's network with the nodes up: at "
+                        "the start (default), between rounds or at the end; `cli:` in an "
+                        "experiment file")
     r.add_argument("--scheme", metavar="NAME,K=V",
                    help=f"scheme and its options, e.g. epsl,phi=0.5 (default: "
                         f"{RunConfig().scheme.name}; `sledge list schemes`)")
@@ -147,9 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_list(sub)
     debug = "show the traceback of an error (default: one line naming the field or file)"
     p.add_argument("--debug", action="store_true", help=debug)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log lines (-v: info, -vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="nothing on the console but errors (the run folder has everything)")
     for command in sub.choices.values():  # after the command too: sledge run ... --debug
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=debug)
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
     return p
 
 
@@ -186,8 +244,17 @@ def _error(e: BaseException) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    handler = _ConsoleLog(logging.WARNING)
-    logging.getLogger().addHandler(handler)
+    verbose, quiet = int(getattr(args, "verbose", 0)), bool(getattr(args, "quiet", False))
+    level = (logging.ERROR if quiet else logging.DEBUG if verbose > 1 else
+             logging.INFO if verbose else logging.WARNING)
+    handler = _ConsoleLog(level)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(old_level or logging.WARNING, level))
+    from testbed.run.records import console
+
+    was_quiet, console.quiet = console.quiet, quiet or console.quiet
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -202,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sledge: {line}", file=sys.stderr)
         return code
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        console.quiet = was_quiet
 
 
 def topology_main(path: str) -> None:

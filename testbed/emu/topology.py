@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import os
 import traceback
+from pathlib import Path
 from typing import Any
 
 from testbed.emu.topolib import Topo
@@ -34,11 +35,30 @@ def parse_params(items: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+TOPOLOGIES = Path(__file__).resolve().parents[2] / "topologies"
+
+
+def known_topologies() -> list[str]:
+    """The names of the topology scripts that come with sledge (topologies/*.py)."""
+    return sorted(p.stem for p in TOPOLOGIES.glob("*.py") if not p.name.startswith("_"))
+
+
+def script_of(path: str) -> str:
+    """A topology script's path: as given, or the one of that name in topologies/ ("tiny")."""
+    if os.path.isfile(path) or os.sep in path or path.endswith(".py"):
+        return path
+    cand = TOPOLOGIES / f"{path}.py"
+    return str(cand) if cand.is_file() else path
+
+
 def load_topology(path: str, name: str | None = None,
                   params: dict[str, Any] | None = None) -> tuple[Topo, str]:
-    """Import a topology script and build its Topo (Mininet's --custom convention: TOPOS)."""
+    """Import a topology script (a path, or a name in topologies/: "tiny") and build its Topo
+    (Mininet's --custom convention: TOPOS)."""
+    path = script_of(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"topology: no such file {path!r}")
+        raise ConfigError(f"topology: no such file {path!r} (nor a topology of that name: "
+                          f"{', '.join(known_topologies())})")
     spec = importlib.util.spec_from_file_location(f"sledge_topo_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"topology {path}: not a Python script (expected a .py file)")

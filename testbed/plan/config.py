@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from nodes.imports import absolute, is_reference
 from nodes.settings import Fault, Section, Timeouts, Train
 from testbed.errors import ConfigError
 
@@ -34,24 +35,38 @@ class Run(Section):
     scenario: str | None = Field(None, min_length=1, description="a scenario timeline (YAML)")
 
 
+def _own_code(v: str) -> str:
+    """A reference to the user's code (file.py:attr) made absolute: nodes may run elsewhere."""
+    return absolute(v) if is_reference(v) else v
+
+
 class SchemeSpec(Section):
-    name: str = Field("psl", description="a scheme of nodes.schemes (sledge list schemes)")
+    name: str = Field("psl", description="a scheme of nodes.schemes (sledge list schemes) or "
+                                         "your own: pkg.module:MyScheme")
     options: dict[str, Any] = Field(default_factory=dict, description="the scheme's options")
+
+    _own = field_validator("name")(classmethod(lambda cls, v: _own_code(v)))
 
 
 class Data(Section):
-    dataset: str = "fashion-mnist"
+    dataset: str = Field("fashion-mnist", description="a built-in (sledge list datasets) or "
+                                                     "your own: pkg.module:load")
     root: str | None = Field(None, description="folder of a data set's files (mnist, cifar10...)")
     train_limit: int | None = Field(6000, gt=0, description="training samples (null: all)")
     test_limit: int | None = Field(2000, gt=0, description="test samples (null: all)")
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID)")
 
+    _own = field_validator("dataset")(classmethod(lambda cls, v: _own_code(v)))
+
 
 class Model(Section):
-    name: str = "smallcnn"
+    name: str = Field("smallcnn", description="a built-in (sledge list models) or your own "
+                                             "nn.Module factory: pkg.module:build")
     cuts: list[str] = Field(default_factory=lambda: ["conv2"], min_length=1,
                             description="cut points, client side first")
+
+    _own = field_validator("name")(classmethod(lambda cls, v: _own_code(v)))
 
 
 class Net(Section):

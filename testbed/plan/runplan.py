@@ -98,7 +98,7 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
         raise PlanError(f"topology {topology!r}: scheme {cfg.scheme.name!r} needs hosts with "
                         f"role {missing} (roles {list(scheme.roles)}; found {roles})")
     clients = roles["client"]
-    info = dataset_info(cfg.data.dataset)
+    info = dataset_info(cfg.data.dataset, cfg.data.root)
     model_kwargs = {"name": cfg.model.name, "num_classes": info["num_classes"],
                     "in_channels": info["in_channels"], "image_size": info["image_size"]}
     nseg = len(cfg.model.cuts) + 1

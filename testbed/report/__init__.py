@@ -1,5 +1,7 @@
-"""report: what finished runs mean, read back from their folders; nothing is measured here.
+"""report: what finished runs mean side by side, read back from their folders; nothing is
+measured here.
 
-Comparisons of schemes (compare: tables, CSV and plots of accuracy, bytes and latency). It
-reads run folders (testbed.run.records) and never starts a run itself.
+Comparisons of schemes (compare: tables, CSV and plots of accuracy, bytes and latency). A
+single run's own report.md is written by the run (testbed.run.records). It reads run folders
+and never starts a run itself.
 """

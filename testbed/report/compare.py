@@ -33,7 +33,7 @@ from typing import Any
 from nodes.schemes import get_scheme
 from testbed.emu.topology import parse_params
 from testbed.errors import ConfigError
-from testbed.run.records import read_rounds
+from testbed.run.records import read_rounds, round_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOPOLOGY = "topologies/cellular.py"
@@ -78,29 +78,6 @@ def seed_speeds(topo: Any) -> dict[str, float]:
 
 
 # -- analysis of finished runs (from their folders) ------------------------------------------
-def round_metrics(rec: dict, clients: list[str], sequential: bool) -> dict[str, Any]:
-    nodes = rec["nodes"]
-    per_client = [nodes[c]["compute_s"] for c in clients]
-    compute = (sum(per_client) if sequential else max(per_client)) + sum(
-        v["compute_s"] for n, v in nodes.items() if n not in clients)
-    wire = {i: v for i, v in rec["interfaces"].items() if i.rsplit("-eth", 1)[0] in clients}
-    down = sum(nodes[c]["rx_bytes"] for c in clients)
-    bcast = sum(nodes[c].get("by_type", {}).get("GRAD_BCAST.rx", 0) for c in clients)
-    return {
-        "round": rec["round"], "wall_s": rec["wall_s"], "test_acc": rec.get("test_acc"),
-        "train_loss": rec["train_loss"], "compute_s": compute,
-        "comm_s": max(0.0, rec["wall_s"] - compute),
-        "client_compute_measured_s": max(nodes[c].get("compute_measured_s", 0.0)
-                                         for c in clients),
-        "client_compute_modelled_s": max(nodes[c].get("compute_modelled_s", 0.0)
-                                         for c in clients),
-        "up_bytes": sum(nodes[c]["tx_bytes"] for c in clients),
-        "down_bytes": down, "down_bcast_once_bytes": down - bcast + bcast / len(clients),
-        "wire_up_bytes": sum(v["tx_bytes"] for v in wire.values()),
-        "wire_down_bytes": sum(v["rx_bytes"] for v in wire.values()),
-    }
-
-
 def analyse_run(run_dir: str | Path) -> list[dict[str, Any]]:
     config = json.loads((Path(run_dir) / "config.json").read_text())
     spec = config["config"]["scheme"]

@@ -101,6 +101,7 @@ class ControlChannel:
             except TimeoutError:
                 continue
             if exp.recovery.on_message(sender, msg):  # heartbeats, aborted rounds
+                exp.show_progress()
                 continue
             if msg.type == "ERROR":
                 err = RunFailed(f"node {sender} failed: {msg.meta.get('error')} (log: "

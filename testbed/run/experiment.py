@@ -25,12 +25,14 @@ import zmq
 
 from nodes.compression import make_codec
 from nodes.data import load_dataset
+from nodes.imports import is_reference
 from nodes.protocol import Plane, Security
 from nodes.schemes import get_scheme
 from testbed.emu.capabilities import probe
 from testbed.emu.loopback import LoopbackNetwork, counter_delta
 from testbed.emu.owned import owned_tmpdir
 from testbed.emu.topolib import Topo
+from testbed.emu.topology import load_topology, script_of
 from testbed.errors import BadInput, ConfigError, NodesDead, RunFailed
 from testbed.plan.config import RunConfig
 from testbed.plan.runplan import PlanError, RunPlan, host_roles, per_host, plan_run
@@ -40,7 +42,16 @@ from testbed.run.hooks import RunHook
 from testbed.run.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.run.pool import ClientPool
 from testbed.run.preflight import free_port_block, make_run_dir, preflight
-from testbed.run.records import RunDir, console, print_summary, record_line, round_line, summarize
+from testbed.run.records import (
+    RunDir,
+    RunProgress,
+    console,
+    print_summary,
+    record_line,
+    round_line,
+    summarize,
+    write_report,
+)
 from testbed.run.recovery import Recovery
 from testbed.run.versions import versions
 
@@ -70,18 +81,28 @@ EXPERIMENT_HEAD = ("# sledge experiment: `sledge run <this file>` runs it again 
 class Experiment:
     runs_scenarios = False  # testbed.scenario.Experiment runs them (a hook)
 
-    def __init__(self, cfg: RunConfig, topo: Topo, *, topology: str = "",
+    def __init__(self, cfg: RunConfig, topo: Topo | str, *, topology: str = "",
                  on_round: Callable[[Experiment, int], None] | None = None,
                  on_start: Callable[[Experiment], None] | None = None,
                  on_ready: Callable[[Experiment], None] | None = None,
                  loopback: bool = False, topology_args: dict[str, Any] | None = None,
-                 resume: dict[str, Any] | None = None) -> None:
-        """on_start(exp): called once the network is up, before any node starts (e.g. to
+                 resume: dict[str, Any] | None = None, quiet: bool = False) -> None:
+        """topo: a Topo, or a topology script's path or name ("tiny": topologies/tiny.py,
+        built with its defaults). quiet: nothing on the console (the run folder has it all).
+        on_start(exp): called once the network is up, before any node starts (e.g. to
         start a packet capture); on_ready(exp): every node is up and idle, before round 1;
         on_round(exp, round): after each round is recorded. topology_args: {"name",
         "params"} the topology was built with (recorded for `sledge resume`); resume: from
         testbed.run.recovery.resume_state, continue that run folder. A scenario timeline
         (cfg.run.scenario) needs testbed.Experiment (testbed.scenario), which runs it as a hook."""
+        if isinstance(topo, str):
+            topology = topology or script_of(topo)
+            try:
+                topo, built = load_topology(topo)
+            except ConfigError as e:
+                raise BadInput(str(e)) from None
+            topology_args = topology_args or {"name": built, "params": {}}
+        self.quiet = quiet
         # As given, before the run changes anything (a free port on loopback): experiment.yaml
         self.given = cfg.to_dict()
         self.cfg, self.topo, self.topology, self.on_round = cfg, topo, topology, on_round
@@ -126,6 +147,7 @@ class Experiment:
         self.resume = resume
         # who takes part in each round
         self.pool = ClientPool(cfg.efficiency.selection, cfg.run.seed)
+        self.progress: RunProgress | None = None  # the live line while rounds run
         self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.run.recovery)
         try:
             self.host_roles = host_roles(topo, cfg.net.roles)
@@ -141,6 +163,13 @@ class Experiment:
             preflight(cfg, topo)
         except ConfigError as e:
             raise BadInput(str(e)) from e
+
+    # -- as a context manager: whatever happens inside, what the run made is torn down -----
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._teardown()
 
     # -- set-up ---------------------------------------------------------------------------------
     def _plan(self) -> RunPlan:
@@ -232,6 +261,7 @@ class Experiment:
         self.run_id = os.path.basename(self.run_dir.path)
         self._t_start = time.perf_counter()
         old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        was_quiet, console.quiet = console.quiet, console.quiet or self.quiet
         if not self.loopback:  # how links are emulated: nothing of it applies on loopback
             for line in self.caps.describe():
                 console.print(("[yellow]" if line.startswith("WARNING") else "") + line)
@@ -279,7 +309,9 @@ class Experiment:
                               self.node_configs[next(iter(self.node_configs))]["control"], hosts)
             if self.on_start:
                 self.on_start(self)
-            self.launcher = make_launcher(cfg.run.launcher)
+            self.launcher = make_launcher(cfg.run.launcher, preimport=tuple(
+                r for r in (cfg.model.name, cfg.data.dataset, cfg.scheme.name)
+                if is_reference(r)))
             first = self._resume_start() if self.resume else 1
             for name, nc in self.node_configs.items():
                 rel = os.path.join("nodes", f"{name}.json")
@@ -300,12 +332,14 @@ class Experiment:
                 rec["_proto"] = self.control.startup_proto
             if self.on_ready:
                 self.on_ready(self)
-            for rnd in range(first, cfg.run.rounds + 1):
-                for hook in self.hooks:
-                    hook.before_round(self, rnd)
-                self._round(rnd, evaluator)
-                for hook in self.hooks:
-                    hook.after_round(self, rnd)
+            with RunProgress(cfg.run.rounds, first - 1) as self.progress:
+                for rnd in range(first, cfg.run.rounds + 1):
+                    for hook in self.hooks:
+                        hook.before_round(self, rnd)
+                    self._round(rnd, evaluator)
+                    self.progress.advance()
+                    for hook in self.hooks:
+                        hook.after_round(self, rnd)
             for hook in self.hooks:
                 hook.finish(self)
             self.control.broadcast(0, cmd="stop")
@@ -335,6 +369,25 @@ class Experiment:
         finally:
             self._teardown()
             signal.signal(signal.SIGTERM, old_term)
+            console.quiet = was_quiet
+
+    def show_progress(self) -> None:
+        """The live line: the round, how far the clients are (their optimizer steps of the
+        round's iterations, from their heartbeats) and what the nodes are doing."""
+        if self.progress is None or not getattr(self, "_doing", None):
+            return
+        rnd, attempts = self._doing
+        status = self.recovery.status
+        clients = self.roles.get("client", [])
+        steps = [status[c]["iteration"] for c in clients if c in status]
+        states: dict[str, int] = {}
+        for n in self.procs:
+            s = status.get(n, {}).get("state", "starting")
+            states[s] = states.get(s, 0) + 1
+        self.progress.doing(
+            f"round {rnd}" + (f" (attempt {attempts})" if attempts > 1 else "")
+            + f": iteration {min(steps) if steps else 0}/{self.iters} · "
+            + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
 
     def _new_run_dir(self) -> RunDir:
         try:
@@ -361,6 +414,8 @@ class Experiment:
         except OSError:  # a full disk: into the space reserved at the start
             with suppress(OSError):  # and it must not hide the error that ended the run
                 self.run_dir.overwrite("summary.json", summary)
+        with suppress(Exception):  # what it did until then, in words
+            write_report(self.run_dir.path)
 
     def _resume_start(self) -> int:
         """The first round to run when resuming; the recorded ones count as done."""
@@ -380,13 +435,16 @@ class Experiment:
             self.control.broadcast(rnd, cmd="round", iters=self.iters,
                             **({"clients": members} if members is not None else {}))
             try:
-                with console.status(f"round {rnd}/{self.cfg.run.rounds}: training"):
-                    reports = self.control.collect("REPORT", rnd, self.cfg.timeouts.round_s,
-                                            f"round {rnd}")
+                self._doing = (rnd, attempts)
+                self.show_progress()
+                reports = self.control.collect("REPORT", rnd, self.cfg.timeouts.round_s,
+                                               f"round {rnd}")
                 break
             except NodesDead as e:
                 console.print(f"[yellow]round {rnd}: {sorted(e.dead)} dead ({e.dead}); "
                               f"restarting from round {rnd - 1}'s checkpoints")
+                if self.progress is not None:
+                    self.progress.doing(f"round {rnd}: recovering {sorted(e.dead)}")
                 try:
                     restarted = self.recovery.recover(rnd, e.dead)
                 except NodesDead as again:
@@ -445,6 +503,10 @@ class Experiment:
             plot_rounds(self.run_dir.path)
         except Exception as e:  # a plot must not fail a finished run
             console.print(f"[yellow]rounds.png not written: {e}")
+        try:
+            write_report(self.run_dir.path)
+        except Exception as e:  # nor a report
+            console.print(f"[yellow]report.md not written: {e}")
 
     def _install_routes(self) -> None:
         """The controller's host routes, before any node starts: between the hosts that talk
@@ -482,6 +544,10 @@ class Experiment:
             console.print(f"[yellow]linkcheck: outside tolerance: {', '.join(bad)}")
 
     def _teardown(self) -> None:
+        """Stop what this run started, once (run() calls it; so does leaving a `with`)."""
+        if getattr(self, "_torn_down", False):
+            return
+        self._torn_down = True
         for hook in self.hooks:  # e.g. no link change while the network goes
             with suppress(Exception):
                 hook.stop(self)

@@ -98,7 +98,7 @@ class PopenLauncher(Launcher):
     name = "popen"
 
     def start(self, host: Any, config_path: str, log_path: str) -> NodeProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = node_env()
         kw: dict[str, Any] = {}
         if cgroups := host_cgroups(host):
             # Joined before mnexec enters the host: its mount namespace has a fresh /sys
@@ -158,10 +158,11 @@ class ForkedNode(NodeProcess):
 class ZygoteLauncher(Launcher):
     name = "zygote"
 
-    def __init__(self, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, start_timeout_s: float = 120.0, preimport: tuple[str, ...] = ()) -> None:
         self.dir = owned_tmpdir("zygote")
         self.path = os.path.join(self.dir, "zygote.sock")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = node_env()
+        env["SLEDGE_PREIMPORT"] = "\n".join(preimport)  # the user's code, warm in the zygote
         self.log_path = os.path.join(self.dir, "zygote.log")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "testbed.run.zygote", "--socket",
@@ -216,11 +217,21 @@ class ZygoteLauncher(Launcher):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def make_launcher(kind: str) -> Launcher:
+def node_env() -> dict[str, str]:
+    """A node's environment: unbuffered, one OpenMP thread, and the folder sledge was started
+    in on the import path, so a user's `pkg.module:attr` resolves in the nodes as it did in
+    the controller (nodes.imports)."""
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def make_launcher(kind: str, preimport: tuple[str, ...] = ()) -> Launcher:
+    """`preimport`: references to the user's code (model, data set, scheme) that a zygote
+    imports once before it forks the nodes."""
     if kind == "popen":
         return PopenLauncher()
     if kind == "zygote":
-        return ZygoteLauncher()
+        return ZygoteLauncher(preimport=preimport)
     raise ValueError(f"launcher {kind!r} is unknown; valid: popen, zygote")
 
 

@@ -29,7 +29,7 @@ def check_data(cfg: RunConfig) -> dict[str, Any]:
     from nodes.data import dataset_info, load_dataset
 
     try:
-        info = dataset_info(cfg.data.dataset)
+        info = dataset_info(cfg.data.dataset, cfg.data.root)
     except ValueError as e:
         raise ConfigError(f"config field 'data.dataset': {_one_line(e)}") from e
     for split in ("train", "test"):

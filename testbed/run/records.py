@@ -1,4 +1,4 @@
-"""Results on disk as the run goes, and what the user sees while it runs.
+"""Results on disk as the run goes, what the user sees while it runs, and report.md at the end.
 
 A run folder (runs/<time>-<name>/) holds config.json (the resolved config), rounds.jsonl
 (one line per round, flushed and fsynced when written, so nothing is lost if the run dies),
@@ -158,6 +158,42 @@ def summarize(rounds: list[dict], planned: int | None = None) -> dict:
     }
 
 
+class RunProgress:
+    """The live line while the rounds run: a bar over the run's rounds (round r of N), time
+    elapsed and an estimate of the time left from the rounds so far, and what the round is
+    doing. On a terminal only; the round lines are printed above it either way."""
+
+    def __init__(self, total: int, done: int = 0) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
+                            TimeRemainingColumn(), console=console, transient=True,
+                            disable=not console.is_terminal)
+        self.task = self.bar.add_task("rounds", total=total, completed=done)
+
+    def __enter__(self) -> RunProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def doing(self, what: str) -> None:
+        self.bar.update(self.task, description=what)
+
+    def advance(self) -> None:
+        self.bar.advance(self.task)
+
+
 def print_summary(summary: dict, path: str) -> None:
     t = Table(title="sledge run summary", show_header=True)
     t.add_column("node")
@@ -191,7 +227,8 @@ UNMARKED = ("link_state", "position", "reaction", "skipped")
 
 def plot_rounds(run_path: str | os.PathLike) -> Path:
     """rounds.png: each round's latency as a bar over the time it ran (seconds since round 1
-    started), and every event of events.jsonl as a vertical line where it happened."""
+    started), every event of events.jsonl as a vertical line where it happened; below, the
+    training loss and the test accuracy per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,7 +236,8 @@ def plot_rounds(run_path: str | os.PathLike) -> Path:
 
     rounds = read_rounds(run_path)
     t0 = min(r["time"] - r["wall_s"] for r in rounds)
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, (ax, ax_loss, ax_acc) = plt.subplots(
+        3, 1, figsize=(9, 9), gridspec_kw={"height_ratios": [2, 1, 1]})
     ax.bar([r["time"] - r["wall_s"] - t0 for r in rounds], [r["wall_s"] for r in rounds],
            width=[r["wall_s"] for r in rounds], align="edge", alpha=0.6,
            edgecolor="black", label="round latency")
@@ -217,6 +255,17 @@ def plot_rounds(run_path: str | os.PathLike) -> Path:
     ax.set(xlabel="seconds since round 1 started", ylabel="round latency (s)", ylim=(0, top),
            title=f"{Path(run_path).name}: per-round latency and events")
     ax.legend(loc="lower right", fontsize="small")
+    nums = [r["round"] for r in rounds]
+    ax_loss.plot(nums, [r["train_loss"] for r in rounds], marker="o")
+    ax_loss.set(xlabel="round", ylabel="train loss")
+    accs = [(r["round"], r["test_acc"]) for r in rounds if r.get("test_acc") is not None]
+    if accs:
+        ax_acc.plot(*zip(*accs, strict=True), marker="o", color="C2")
+    ax_acc.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1),
+               title="" if accs else "not evaluated (run.evaluate: false)")
+    for a in (ax_loss, ax_acc):
+        a.grid(alpha=0.3)
+        a.set_xticks(nums if len(nums) <= 30 else nums[:: max(1, len(nums) // 30)])
     fig.tight_layout()
     out = Path(run_path) / "rounds.png"
     fig.savefig(out, dpi=110)
@@ -240,3 +289,228 @@ def record_line(rec: dict[str, Any]) -> str | None:
     if kind == "skipped":
         return f"not reached: {rec.get('what')} due at {rec.get('due_s'):g}s ({rec.get('reason')})"
     return None
+
+
+def round_metrics(rec: dict, clients: list[str], sequential: bool) -> dict[str, Any]:
+    """A round's latency split into compute on the critical path (the slowest client's, the
+    sum over clients when they take turns, plus every other node's) and communication (the
+    rest), and the bytes the clients sent and received (protocol and kernel counters)."""
+    nodes = rec["nodes"]
+    per_client = [nodes[c]["compute_s"] for c in clients]
+    compute = (sum(per_client) if sequential else max(per_client)) + sum(
+        v["compute_s"] for n, v in nodes.items() if n not in clients)
+    wire = {i: v for i, v in rec["interfaces"].items() if i.rsplit("-eth", 1)[0] in clients}
+    down = sum(nodes[c]["rx_bytes"] for c in clients)
+    bcast = sum(nodes[c].get("by_type", {}).get("GRAD_BCAST.rx", 0) for c in clients)
+    return {
+        "round": rec["round"], "wall_s": rec["wall_s"], "test_acc": rec.get("test_acc"),
+        "train_loss": rec["train_loss"], "compute_s": compute,
+        "comm_s": max(0.0, rec["wall_s"] - compute),
+        "client_compute_measured_s": max(nodes[c].get("compute_measured_s", 0.0)
+                                         for c in clients),
+        "client_compute_modelled_s": max(nodes[c].get("compute_modelled_s", 0.0)
+                                         for c in clients),
+        "up_bytes": sum(nodes[c]["tx_bytes"] for c in clients),
+        "down_bytes": down, "down_bcast_once_bytes": down - bcast + bcast / len(clients),
+        "wire_up_bytes": sum(v["tx_bytes"] for v in wire.values()),
+        "wire_down_bytes": sum(v["rx_bytes"] for v in wire.values()),
+    }
+
+# -- report.md: the run in words, read back from its folder ------------------------------
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_report(run_path: str | os.PathLike) -> Path:
+    run = Path(run_path)
+    config, summary = _json(run / "config.json"), _json(run / "summary.json")
+    cfg = config.get("config", {})
+    rounds = read_rounds(run) if (run / "rounds.jsonl").exists() else []
+    scheme = cfg.get("scheme", {})
+    opts = ", ".join(f"{k}={v}" for k, v in (scheme.get("options") or {}).items())
+    v = config.get("versions") or {}
+    targs = config.get("topology_args") or {}
+    lines = [
+        f"# {run.name}", "",
+        f"- status: **{summary.get('status', 'unknown')}**"
+        + (f" ({summary['reason']})" if summary.get("reason") else ""),
+        f"- scheme: {scheme.get('name')}{f' ({opts})' if opts else ''}",
+        f"- topology: {config.get('topology')} {targs.get('name') or ''} "
+        f"{targs.get('params') or ''} on {config.get('network')}",
+        f"- data: {cfg.get('data', {}).get('dataset')}, model {cfg.get('model', {}).get('name')} "
+        f"cut after {', '.join(cfg.get('model', {}).get('cuts', []))}, "
+        f"{config.get('iters_per_round')} iterations per round, "
+        f"seed {cfg.get('run', {}).get('seed')}",
+        f"- made with: sledge {v.get('sledge')}, torch {v.get('torch')}, Python {v.get('python')}, "
+        f"kernel {v.get('kernel')}, commit {v.get('git')}",
+        f"- run again: `sledge run {run / 'experiment.yaml'}`", "",
+    ]
+    if summary.get("rounds"):
+        acc = summary.get("final_test_acc")
+        lines += ["## Result", "",
+                  f"{summary['rounds']} rounds; train loss {summary['first_train_loss']:.4f} -> "
+                  f"{summary['final_train_loss']:.4f}"
+                  + (f"; test accuracy {acc * 100:.2f} %" if acc is not None else "")
+                  + f"; rounds {summary['total_s']:.2f} s of {summary.get('wall_s', 0):.1f} s "
+                    f"wall time ({summary.get('startup_s', 0):.1f} s start-up)", ""]
+    if rounds:
+        clients = (config.get("roles") or {}).get("client", [])
+        lines += ["## Rounds", "", "| round | train loss | test acc | latency (s) | clients sent "
+                  "| events |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in rounds:
+            sent = sum(r["nodes"].get(c, {}).get("tx_bytes", 0) for c in clients)
+            events = ", ".join(sorted({e.get("type", e.get("kind", "")) for e in
+                                       r.get("events", [])}))
+            acc = r.get("test_acc")
+            lines.append(f"| {r['round']} | {r['train_loss']:.4f} | "
+                         f"{'' if acc is None else f'{acc * 100:.2f} %'} | {r['wall_s']:.3f} | "
+                         f"{fmt_bytes(sent)} | {events} |")
+        lines.append("")
+    per_node = summary.get("protocol_bytes_per_node") or {}
+    if per_node:
+        lines += ["## Bytes per node (protocol)", "", "| node | sent | received |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {n} | {fmt_bytes(b['tx'])} | {fmt_bytes(b['rx'])} |"
+                  for n, b in per_node.items()]
+        lines.append("")
+    if config.get("not_applied"):
+        lines += ["## Not emulated", "", *[f"- link {i.get('link')}: "
+                  + ", ".join(f"{k}={x}" for k, x in i.items() if k != "link")
+                  for i in config["not_applied"]], ""]
+    if (run / "rounds.png").exists():
+        lines += ["![latency, loss and accuracy per round](rounds.png)", ""]
+    out = run / "report.md"
+    out.write_text("\n".join(lines))
+    write_html(run)
+    return out
+
+
+# -- report.html: the same, self-contained, with its panels ---------------------------------
+def report_panels(run_path: str | os.PathLike) -> dict[str, Any]:
+    """The data of report.html's panels, from the run folder: per round the loss, accuracy,
+    latency split into compute and communication, and events; per link (interface) the bytes
+    up and down from the kernel counters, and per node the protocol bytes."""
+    run = Path(run_path)
+    config = _json(run / "config.json")
+    rounds = read_rounds(run) if (run / "rounds.jsonl").exists() else []
+    clients = (config.get("roles") or {}).get("client", [])
+    spec = (config.get("config") or {}).get("scheme") or {}
+    sequential = False
+    with contextlib.suppress(Exception):  # a scheme no longer installed: as if in parallel
+        from nodes.schemes import get_scheme
+
+        sequential = get_scheme(spec["name"], **spec.get("options", {})).sequential_clients
+    per_round = []
+    for r in rounds:
+        m = round_metrics(r, [c for c in clients if c in r["nodes"]], sequential) \
+            if clients else {}
+        per_round.append({"round": r["round"], "train_loss": r["train_loss"],
+                          "test_acc": r.get("test_acc"), "wall_s": r["wall_s"],
+                          "compute_s": m.get("compute_s"), "comm_s": m.get("comm_s"),
+                          "events": sorted({e.get("type", e.get("kind", "")) for e in
+                                            r.get("events", [])})})
+    links: dict[str, dict[str, int]] = {}
+    for r in rounds:
+        for i, c in r["interfaces"].items():
+            s = links.setdefault(i, {"tx_bytes": 0, "rx_bytes": 0})
+            s["tx_bytes"] += c.get("tx_bytes", 0)
+            s["rx_bytes"] += c.get("rx_bytes", 0)
+    nodes: dict[str, dict[str, int]] = {}
+    for r in rounds:
+        for n, v in r["nodes"].items():
+            s = nodes.setdefault(n, {"tx_bytes": 0, "rx_bytes": 0})
+            s["tx_bytes"] += v.get("tx_bytes", 0)
+            s["rx_bytes"] += v.get("rx_bytes", 0)
+    return {"rounds": per_round, "links": links, "nodes": nodes}
+
+
+def _png(fig: Any) -> str:
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(run_path: str | os.PathLike) -> Path:
+    """report.html: report.md's words and four panels (loss and accuracy, latency split into
+    compute and communication with the events marked, bytes per link, bytes per node), the
+    images inline and the panels' data in the page: it opens without any network."""
+    import html
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_path)
+    data = report_panels(run)
+    rounds = data["rounds"]
+    images = []
+    if rounds:
+        nums = [r["round"] for r in rounds]
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot(nums, [r["train_loss"] for r in rounds], marker="o", label="train loss")
+        ax.set(xlabel="round", ylabel="train loss")
+        accs = [(r["round"], r["test_acc"]) for r in rounds if r["test_acc"] is not None]
+        if accs:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*accs, strict=True), marker="s", color="C2", label="test accuracy")
+            ax2.set(ylabel="test accuracy", ylim=(0, 1))
+        ax.set_title("loss and accuracy per round")
+        fig.tight_layout()
+        images.append(("loss-accuracy", "Loss and accuracy per round", _png(fig)))
+        fig, ax = plt.subplots(figsize=(7, 3))
+        comp = [r["compute_s"] or 0.0 for r in rounds]
+        comm = [r["comm_s"] if r["comm_s"] is not None else r["wall_s"] for r in rounds]
+        ax.bar(nums, comp, label="compute")
+        ax.bar(nums, comm, bottom=comp, label="communication")
+        for r in rounds:
+            if r["events"]:
+                ax.axvline(r["round"], color="C3", linestyle="--", linewidth=1)
+                ax.text(r["round"], max(r["wall_s"] for r in rounds), " " + ", ".join(
+                    r["events"]), fontsize="x-small", color="C3", va="top")
+        ax.set(xlabel="round", ylabel="seconds", title="round latency (events dashed)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        images.append(("latency", "Round latency: compute and communication", _png(fig)))
+    for key, title in (("links", "Bytes per link (kernel counters)"),
+                       ("nodes", "Bytes per node (protocol counters)")):
+        items = sorted(data[key].items())
+        if not items:
+            continue
+        fig, ax = plt.subplots(figsize=(7, max(2.0, 0.3 * len(items) + 1)))
+        y = list(range(len(items)))
+        ax.barh([i - 0.2 for i in y], [v["tx_bytes"] / 2**20 for _, v in items], height=0.4,
+                label="sent")
+        ax.barh([i + 0.2 for i in y], [v["rx_bytes"] / 2**20 for _, v in items], height=0.4,
+                label="received")
+        ax.set_yticks(y, [k for k, _ in items], fontsize="small")
+        ax.set(xlabel="MiB", title=title)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        images.append((key, title, _png(fig)))
+    words = (run / "report.md").read_text() if (run / "report.md").exists() else ""
+    panel_json = json.dumps(data).replace("</", "<\\/")  # cannot end the script element
+    body = "".join(f'<figure id="{k}"><img alt="{html.escape(t)}" src="data:image/png;base64,'
+                   f'{b}"><figcaption>{html.escape(t)}</figcaption></figure>\n'
+                   for k, t, b in images)
+    page = (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(run.name)}"
+            f"</title><style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}"
+            f"img{{max-width:100%}}pre{{white-space:pre-wrap}}</style></head><body>\n"
+            f"<pre>{html.escape(words)}</pre>\n{body}"
+            f'<script type="application/json" id="panel-data">{panel_json}</script>\n'
+            # a self-check a headless browser can read back: how many panels decoded
+            "<script>addEventListener('load', () => { document.body.dataset.panels = "
+            "[...document.images].filter(i => i.naturalWidth > 0).length; });</script>\n"
+            f"</body></html>\n")
+    out = run / "report.html"
+    out.write_text(page)
+    return out

@@ -55,6 +55,7 @@ class Recovery:
 
     def __init__(self, exp: Experiment) -> None:
         cfg = exp.cfg
+        self.status: dict[str, dict[str, Any]] = {}  # node -> its last beat's state, iteration
         self.exp = exp
         self.enabled = cfg.fault.max_restarts > 0 and bool(cfg.fault.heartbeat_s)
         self.liveness = Liveness(cfg.fault.heartbeat_s, cfg.fault.heartbeat_misses)
@@ -68,7 +69,11 @@ class Recovery:
     def on_message(self, sender: str, msg: Any) -> bool:
         """Handle the control messages that belong to liveness; True if it was one."""
         if msg.type == "HEARTBEAT":
-            self.liveness.beat(sender.removesuffix("#hb"))
+            node = sender.removesuffix("#hb")
+            self.liveness.beat(node)
+            if "state" in msg.meta:  # what it is doing: the progress line shows it
+                self.status[node] = {"state": str(msg.meta["state"]),
+                                     "iteration": int(msg.meta.get("iteration", 0))}
             return True
         if msg.type == "ABORTED":
             self.aborted.setdefault(sender, (time.monotonic(), msg.meta.get("error", "")))

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def sledge_version() -> str:
     try:
-        return metadata.version("sledge")
+        return metadata.version("sledge-testbed")
     except metadata.PackageNotFoundError:
         return "unknown"
 

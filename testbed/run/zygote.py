@@ -56,6 +56,7 @@ def warm_up() -> None:
     torch.set_num_threads(1)  # before any op: an OpenMP pool does not survive fork
     import nodes.runtime  # noqa: F401  (protocol, schemes, data, models)
     from nodes.data import DATASETS, load_dataset
+    from nodes.imports import resolve
     from nodes.models import build_model
 
     # Data-set readers import their libraries lazily (scikit-learn for digits: ~100 MB);
@@ -65,6 +66,9 @@ def warm_up() -> None:
             with contextlib.suppress(Exception):
                 load_dataset(name, "test", limit=1)
 
+    for ref in filter(None, os.environ.get("SLEDGE_PREIMPORT", "").split("\n")):
+        with contextlib.suppress(Exception):  # a node that needs it says what is wrong
+            resolve(ref, "preimport")
     for kw in ({"name": "smallcnn", "in_channels": 1, "image_size": 8},
                {"name": "smallcnn", "in_channels": 1, "image_size": 28}):
         m = build_model(**kw)

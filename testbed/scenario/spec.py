@@ -12,20 +12,21 @@ Overrides (`--set`, command-line flags) are dotted or flat keys applied over the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from testbed.emu.topolib import Topo
-from testbed.emu.topology import load_topology
-from testbed.errors import ConfigError
+from testbed.emu.topology import load_topology, script_of
+from testbed.errors import ConfigError, read_yaml
 from testbed.plan.config import FLAT, RunConfig, merge, nest
 from testbed.scenario.timeline import Scenario, ScenarioError
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_KEYS = ("topology", "loopback", "scenario")  # the file's own keys besides the config
+# the file's own keys besides the config's sections; `cli`: when the command line opens a
+# mininet> prompt (start | between_rounds | end), for `sledge run` only
+SPEC_KEYS = ("topology", "loopback", "scenario", "cli")
 
 
 @dataclass
@@ -36,17 +37,12 @@ class Prepared:
     topo: Topo
     topo_name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    cli: str | None = None
 
 
 def read(path: str) -> dict[str, Any]:
     """An experiment file as a mapping, its relative paths made absolute."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"experiment {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"experiment {path}: not YAML ({' '.join(str(e).split())})") from None
+    data = read_yaml(path, "experiment")
     if not isinstance(data, dict):
         raise ConfigError(f"experiment {path}: expected a mapping of sections, got {data!r}")
     if "topology" not in data:
@@ -57,7 +53,7 @@ def read(path: str) -> dict[str, Any]:
     if isinstance(topo, str):
         data["topology"] = topo = {"script": topo}
     if isinstance(topo, dict) and isinstance(topo.get("script"), str):
-        topo["script"] = _resolve(topo["script"], base)
+        topo["script"] = _resolve(script_of(topo["script"]), base)
     run = data.get("run")
     if isinstance(run, dict) and isinstance(run.get("scenario"), str):
         run["scenario"] = _resolve(run["scenario"], base)
@@ -108,9 +104,10 @@ def prepare(spec: dict[str, Any], overrides: dict[str, Any] | None = None) -> Pr
         nested = merge(nested, nest({key: value}))
     if not nested.get("run", {}).get("name"):
         scheme = nested.get("scheme", {}).get("name") or RunConfig().scheme.name
+        scheme = re.sub(r"[^A-Za-z0-9_-]", "_", scheme.rpartition(":")[2])  # MyScheme of a ref
         nested = merge(nested, {"run": {"name": f"{topo_name}-{scheme}"}})
     cfg = RunConfig.from_dict(nested)
-    kwargs: dict[str, Any] = {"topology": topo_ref["script"], "loopback": bool(own.get(
+    kwargs: dict[str, Any] = {"topology": script_of(topo_ref["script"]), "loopback": bool(own.get(
         "loopback", False)), "topology_args": {"name": topo_name, "params": params}}
     if own.get("scenario") is not None:
         if cfg.run.scenario:
@@ -121,7 +118,11 @@ def prepare(spec: dict[str, Any], overrides: dict[str, Any] | None = None) -> Pr
                 base, "experiment.yaml"))
         except ScenarioError as e:
             raise ConfigError(f"experiment field 'scenario': {e}") from None
-    return Prepared(cfg, topo, topo_name, kwargs)
+    cli = own.get("cli")
+    if cli not in (None, "start", "between_rounds", "end"):
+        raise ConfigError(f"experiment field 'cli': expected start, between_rounds or end, got "
+                          f"{cli!r}")
+    return Prepared(cfg, topo, topo_name, kwargs, cli)
 
 
 def nest_plain(key: str, value: Any) -> dict[str, Any]:

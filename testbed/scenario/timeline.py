@@ -30,10 +30,9 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
-import yaml
-
 from testbed.emu.linkmodel import LinkParams
 from testbed.emu.links import load_trace, shaping_params
+from testbed.errors import read_yaml
 from testbed.plan.mobility import Radio, base_stations
 
 
@@ -207,11 +206,17 @@ class Trace(LinkEvent):
 
 @dataclass(kw_only=True)
 class LinkDown(LinkEvent):
+    """Take the link down, both directions at once; the controller re-routes the pairs whose
+    path used it (a pair with no other path is reported unreachable)."""
+
     kind: ClassVar[str] = "link_down"
 
 
 @dataclass(kw_only=True)
 class LinkUp(LinkEvent):
+    """Bring the link back up with the parameters it had when it went down; the controller's
+    routes may return to it."""
+
     kind: ClassVar[str] = "link_up"
 
 
@@ -239,16 +244,22 @@ class Kill(NodeEvent):
 
 @dataclass(kw_only=True)
 class Restart(NodeEvent):
+    """Stop the node gracefully: recovery restarts it from its last checkpoint."""
+
     kind: ClassVar[str] = "restart"
 
 
 @dataclass(kw_only=True)
 class AddClient(NodeEvent):
+    """The client takes part again from the next round."""
+
     kind: ClassVar[str] = "add_client"
 
 
 @dataclass(kw_only=True)
 class RemoveClient(NodeEvent):
+    """The client sits out from the next round (its process and state are kept)."""
+
     kind: ClassVar[str] = "remove_client"
 
 
@@ -382,14 +393,7 @@ class Scenario:
 
     @classmethod
     def load(cls, path: str) -> Scenario:
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f)
-        except OSError as e:
-            raise ScenarioError(f"scenario {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ScenarioError(f"scenario {path}: not valid YAML: {e}") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_yaml(path, "scenario", ScenarioError), path)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "path": self.path,
