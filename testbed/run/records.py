@@ -412,19 +412,17 @@ def report_panels(run_path: str | os.PathLike) -> dict[str, Any]:
                           "compute_s": m.get("compute_s"), "comm_s": m.get("comm_s"),
                           "events": sorted({e.get("type", e.get("kind", "")) for e in
                                             r.get("events", [])})})
-    links: dict[str, dict[str, int]] = {}
-    for r in rounds:
-        for i, c in r["interfaces"].items():
-            s = links.setdefault(i, {"tx_bytes": 0, "rx_bytes": 0})
-            s["tx_bytes"] += c.get("tx_bytes", 0)
-            s["rx_bytes"] += c.get("rx_bytes", 0)
-    nodes: dict[str, dict[str, int]] = {}
-    for r in rounds:
-        for n, v in r["nodes"].items():
-            s = nodes.setdefault(n, {"tx_bytes": 0, "rx_bytes": 0})
-            s["tx_bytes"] += v.get("tx_bytes", 0)
-            s["rx_bytes"] += v.get("rx_bytes", 0)
-    return {"rounds": per_round, "links": links, "nodes": nodes}
+    def totals(key: str) -> dict[str, dict[str, int]]:
+        """Bytes sent and received over the rounds, per interface or per node."""
+        out: dict[str, dict[str, int]] = {}
+        for r in rounds:
+            for name, c in r[key].items():
+                s = out.setdefault(name, {"tx_bytes": 0, "rx_bytes": 0})
+                for d in s:
+                    s[d] += c.get(d, 0)
+        return out
+
+    return {"rounds": per_round, "links": totals("interfaces"), "nodes": totals("nodes")}
 
 
 def _png(fig: Any) -> str:
