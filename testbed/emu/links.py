@@ -264,11 +264,14 @@ class RelayBackend(LinkBackend):
         with self.control(key) as c:
             c.up() if up else c.down()
 
-    def stats(self) -> dict[str, dict]:
+    def stats(self, window: bool = False) -> dict[str, dict]:
+        """Every relay's counters, lateness and CPU time by link ("a-b"); `window`: the
+        lateness since the last such call (a new window starts)."""
         out = {}
         for key, x in self.relays.items():
             with self.control(key) as c:
-                out[f"{key[0]}-{key[1]}"] = {"relay": x, **c.stats()}
+                out[f"{key[0]}-{key[1]}"] = {"relay": x,
+                                             **(c.lateness() if window else c.stats())}
         return out
 
     def stop(self) -> None:

@@ -19,6 +19,7 @@ per message (SOCK_SEQPACKET) and replies with one: {"cmd": "set", "up": {...}, "
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -48,6 +49,40 @@ TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 MAX_FRAME = 1 << 18  # GSO super-packets reach 64 KB (more with BIG TCP)
 BATCH = 256  # frames read per socket per wake-up, so one busy direction cannot starve the other
 COUNTERS = ("packets", "bytes", "dropped_loss", "dropped_queue", "dropped_down", "tx_errors")
+# Lateness of a frame: when it left minus when the link model scheduled it to leave. Counted in
+# buckets (upper edges, microseconds) so that the per-frame cost is one bisect.
+LATE_EDGES_US = (10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000,
+                 100_000, math.inf)
+
+
+class Lateness:
+    """How late frames left against their schedule: a bucket histogram and the maximum."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LATE_EDGES_US)
+        self.max_us = 0.0
+
+    def add(self, late_s: float) -> None:
+        us = late_s * 1e6
+        self.counts[bisect.bisect_left(LATE_EDGES_US, us)] += 1
+        if us > self.max_us:
+            self.max_us = us
+
+    def percentile(self, q: float) -> float | None:
+        """The upper edge of the bucket holding the q-quantile (an upper bound), in ms."""
+        n = sum(self.counts)
+        if not n:
+            return None
+        seen = 0
+        for edge, c in zip(LATE_EDGES_US, self.counts, strict=True):
+            seen += c
+            if seen >= q * n:
+                return min(edge, self.max_us) / 1e3
+        return self.max_us / 1e3
+
+    def summary(self) -> dict[str, Any]:
+        return {"frames": sum(self.counts), "p50_ms": self.percentile(0.5),
+                "p99_ms": self.percentile(0.99), "max_ms": self.max_us / 1e3}
 
 
 def _csum_add(data: bytes | bytearray | memoryview, s: int = 0) -> int:
@@ -117,6 +152,7 @@ class Pipe:
         self.last_departure = 0.0  # FIFO clamp: jitter never reorders
         self.link_up = True
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.late = Lateness()
         self.configure(d)
 
     def configure(self, d: Direction) -> None:
@@ -160,7 +196,8 @@ class Pipe:
     def flush(self, now: float, sock: socket.socket) -> None:
         q, c = self.inflight, self.counters
         while q and q[0][0] <= now:
-            _, pkt, size = q.popleft()
+            due, pkt, size = q.popleft()
+            self.late.add(now - due)
             try:
                 sock.send(pkt)
             except OSError:  # e.g. ENETDOWN: the interface was set down under us
@@ -282,11 +319,16 @@ class Relay:
                 p.set_link(cmd == "up")
             return {"ok": True, "link": cmd}
         if cmd == "stats":
-            return {"ok": True, "pid": os.getpid(), "time": time.monotonic(),
-                    "link": "up" if self.pipes["up"].link_up else "down",
-                    "params": self.params().to_dict(),
-                    **{side: {**p.counters, "in_flight": len(p.inflight)}
-                       for side, p in self.pipes.items()}}
+            out = {"ok": True, "pid": os.getpid(), "time": time.monotonic(),
+                   "link": "up" if self.pipes["up"].link_up else "down",
+                   "params": self.params().to_dict(), "cpu_s": time.process_time(),
+                   **{side: {**p.counters, "in_flight": len(p.inflight),
+                             "lateness": p.late.summary()}
+                      for side, p in self.pipes.items()}}
+            if msg.get("reset_lateness"):  # a new window (e.g. the next round) starts here
+                for p in self.pipes.values():
+                    p.late = Lateness()
+            return out
         raise ValueError(f"unknown command {cmd!r}; valid: set, up, down, stats")
 
     def params(self) -> LinkParams:
@@ -335,6 +377,10 @@ class RelayControl:
 
     def up(self) -> None:
         self.call({"cmd": "up"})
+
+    def lateness(self) -> dict[str, Any]:
+        """The stats, and a new lateness window from now."""
+        return self.call({"cmd": "stats", "reset_lateness": True})
 
     def stats(self) -> dict[str, Any]:
         return self.call({"cmd": "stats"})

@@ -144,8 +144,20 @@ class Security(Section):
     max_connections: int = Field(0, ge=0)
 
 
+class Fidelity(Section):
+    """When a round's numbers are not to be trusted (testbed.run.fidelity,
+    docs/link-emulation.md): Mininet-HiFi's 35 % idle CPU every second, and relay lateness
+    against the link's own delay."""
+
+    monitor: bool = Field(True, description="measure and judge every round")
+    min_idle: float = Field(0.35, ge=0, le=1, description="least idle CPU share in any second")
+    lateness_fraction: float = Field(
+        0.1, gt=0, description="p99 relay lateness allowed, as a share of the link's delay")
+    lateness_floor_ms: float = Field(0.5, ge=0, description="lateness always allowed (ms)")
+
+
 SECTIONS = ("run", "scheme", "train", "data", "model", "net", "devices", "efficiency", "fault",
-            "timeouts", "security")
+            "timeouts", "security", "fidelity")
 
 # Flat shorthand -> the dotted field it names (the command line's and the old flat names).
 FLAT: dict[str, str] = {
@@ -215,6 +227,7 @@ class RunConfig(BaseModel):
     fault: Fault = Field(default_factory=Fault)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     security: Security = Field(default_factory=Security)
+    fidelity: Fidelity = Field(default_factory=Fidelity)
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -38,6 +38,7 @@ from testbed.plan.config import RunConfig
 from testbed.plan.runplan import PlanError, RunPlan, host_roles, per_host, plan_run
 from testbed.run.control import ControlChannel
 from testbed.run.evaluate import Evaluator
+from testbed.run.fidelity import Fidelity
 from testbed.run.hooks import RunHook
 from testbed.run.launcher import Launcher, NodeProcess, make_launcher, stop_all
 from testbed.run.pool import ClientPool
@@ -147,6 +148,7 @@ class Experiment:
         self.resume = resume
         # who takes part in each round
         self.pool = ClientPool(cfg.efficiency.selection, cfg.run.seed)
+        self.fidelity = Fidelity(self)  # was the emulation faithful, round by round
         self.progress: RunProgress | None = None  # the live line while rounds run
         self.recovery = Recovery(self)  # heartbeats, restarts, rollbacks (testbed.run.recovery)
         try:
@@ -323,6 +325,7 @@ class Experiment:
                 self.procs[name] = self.launcher.start(self.network.host(name), path,
                                                        self.run_dir.file("logs", f"{name}.log"))
             self.run_dir.write_json("pids.json", {n: p.pid for n, p in self.procs.items()})
+            self.fidelity.start()
             with console.status("starting nodes"):
                 hello = self.control.collect("HELLO", 0, cfg.timeouts.start_s, "start-up")
             startup_s = time.perf_counter() - self._t_start
@@ -425,6 +428,7 @@ class Experiment:
         return first
 
     def _round(self, rnd: int, evaluator: Evaluator | None) -> None:
+        self.fidelity.begin_round()
         before = self.network.counters()
         t0 = time.perf_counter()
         attempts = 0
@@ -451,8 +455,9 @@ class Experiment:
                     raise RunFailed(f"round {rnd}: a node died during recovery: {again}") from None
                 self.control.rebase(restarted)
         wall = time.perf_counter() - t0
-        self.pool.observe(reports)
         ifaces = counter_delta(self.network.counters(), before)
+        faithful = self.fidelity.end_round()
+        self.pool.observe(reports)
         prev = self.control.baseline()
         nodes = {}
         for n, rep in reports.items():
@@ -467,6 +472,8 @@ class Experiment:
                "nodes": nodes, "interfaces": ifaces}
         if attempts > 1:
             rec["attempts"] = attempts
+        if faithful is not None:
+            rec["fidelity"] = faithful
         if choice:
             rec["selection"] = choice
         if self.pool.absent:
@@ -548,6 +555,7 @@ class Experiment:
         if getattr(self, "_torn_down", False):
             return
         self._torn_down = True
+        self.fidelity.stop()
         for hook in self.hooks:  # e.g. no link change while the network goes
             with suppress(Exception):
                 hook.stop(self)

@@ -124,11 +124,13 @@ def fmt_bytes(n: float) -> str:
 def round_line(rec: dict, total: int) -> str:
     tx = sum(v["tx_bytes"] for v in rec["nodes"].values())
     acc = rec.get("test_acc")
+    f = rec.get("fidelity") or {}
+    verdict = f"  fidelity {f['verdict']}" if f else ""
+    if f.get("reasons"):
+        verdict += f" ({'; '.join(f['reasons'][:2])})"
     return (f"round {rec['round']}/{total}  loss {rec['train_loss']:.4f}  "
-            f"acc {acc * 100:.2f}%  time {rec['wall_s']:.2f}s  "
-            f"protocol tx {fmt_bytes(tx)}" if acc is not None else
-            f"round {rec['round']}/{total}  loss {rec['train_loss']:.4f}  "
-            f"time {rec['wall_s']:.2f}s  protocol tx {fmt_bytes(tx)}")
+            + (f"acc {acc * 100:.2f}%  " if acc is not None else "")
+            + f"time {rec['wall_s']:.2f}s  protocol tx {fmt_bytes(tx)}{verdict}")
 
 
 def summarize(rounds: list[dict], planned: int | None = None) -> dict:
@@ -151,6 +153,9 @@ def summarize(rounds: list[dict], planned: int | None = None) -> dict:
             n: {"tx": sum(r["nodes"][n]["tx_bytes"] for r in rounds if n in r["nodes"]),
                 "rx": sum(r["nodes"][n]["rx_bytes"] for r in rounds if n in r["nodes"])}
             for n in dict.fromkeys(n for r in rounds for n in r["nodes"])},
+        # rounds by fidelity verdict (testbed.run.fidelity); trust a result as its worst round
+        "fidelity": {v: sum(1 for r in rounds if (r.get("fidelity") or {}).get("verdict") == v)
+                     for v in ("ok", "degraded", "invalid")},
         "interface_bytes": {
             i: {"tx": sum(r["interfaces"][i]["tx_bytes"] for r in rounds),
                 "rx": sum(r["interfaces"][i]["rx_bytes"] for r in rounds)}
@@ -207,6 +212,9 @@ def print_summary(summary: dict, path: str) -> None:
         f"rounds {summary['rounds']}  mean round time {summary['mean_round_s']:.2f}s  "
         f"train loss {summary['first_train_loss']:.4f} -> {summary['final_train_loss']:.4f}"
         + (f"  test accuracy {acc * 100:.2f}%" if acc is not None else ""))
+    if verdicts := {k: v for k, v in (summary.get("fidelity") or {}).items() if v}:
+        console.print("fidelity: " + ", ".join(f"{v} {k}" for k, v in verdicts.items())
+                      + " (docs/link-emulation.md)")
     if summary.get("rounds_lost") is not None:
         console.print(f"rounds lost {summary['rounds_lost']}  redone "
                       f"{summary.get('rounds_redone', 0)}")

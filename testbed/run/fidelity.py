@@ -1,0 +1,167 @@
+"""Whether a round's numbers can be trusted: the host's idle CPU, the nodes' CPU, the relays'
+lateness, and a verdict per round (ok | degraded | invalid) with its reasons.
+
+Mininet-HiFi's rule (Handigol et al., CoNEXT 2012): an emulation is trusted only while the host
+keeps enough idle CPU every second and the links keep their timing. `HostSampler` reads
+/proc/stat once a second on its own thread; `Fidelity` snapshots the nodes' CPU time and
+involuntary context switches (psutil) and the relays' lateness windows (testbed.emu.relay:
+when each frame left against when the link model scheduled it) around every round, and judges
+the round against the thresholds of the run's `fidelity` config section. It measures and
+judges; it changes nothing in the run. docs/link-emulation.md explains each number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+if TYPE_CHECKING:
+    from testbed.run.experiment import Experiment
+
+
+def cpu_times() -> tuple[float, float, int]:
+    """(idle, total) jiffies of the whole machine and the run queue (procs_running)."""
+    idle = total = 0.0
+    running = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu "):
+                v = [float(x) for x in line.split()[1:]]
+                idle, total = v[3] + v[4], sum(v[:8])  # idle + iowait; guest is in user
+            elif line.startswith("procs_running"):
+                running = int(line.split()[1])
+    return idle, total, running
+
+
+class HostSampler(threading.Thread):
+    """The machine's CPU counters once a second: (time, idle, total, run queue)."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        super().__init__(name="fidelity host sampler", daemon=True)
+        self.period_s = period_s
+        self.samples: list[tuple[float, float, float, int]] = []
+        self.lock = threading.Lock()
+        self._stop_evt = threading.Event()
+
+    def snap(self) -> tuple[float, float, float, int]:
+        s = (time.monotonic(), *cpu_times())
+        with self.lock:
+            self.samples.append(s)
+            del self.samples[:-4096]  # an hour of seconds is plenty
+        return s
+
+    def run(self) -> None:
+        while not self._stop_evt.wait(self.period_s):
+            self.snap()
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Idle fraction over [t0, t1]: the lowest over its ~1-second steps and the mean."""
+        with self.lock:
+            s = [x for x in self.samples if t0 <= x[0] <= t1]
+        steps = []
+        for a, b in zip(s, s[1:], strict=False):
+            if b[0] - a[0] >= 0.2 and b[2] > a[2]:  # a sliver at the end says nothing
+                steps.append((b[1] - a[1]) / (b[2] - a[2]))
+        mean = (s[-1][1] - s[0][1]) / (s[-1][2] - s[0][2]) if len(s) > 1 and \
+            s[-1][2] > s[0][2] else None
+        return {"idle_min": min(steps) if steps else mean, "idle_mean": mean,
+                "run_queue_max": max((x[3] for x in s), default=None), "windows": len(steps)}
+
+
+class Fidelity:
+    """One run's monitor: start() once, begin_round() / end_round(record) around each round."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.cfg = exp.cfg.fidelity
+        self.host = HostSampler()
+        self._t0 = 0.0
+        self._nodes: dict[str, tuple[float, int]] = {}
+
+    def start(self) -> None:
+        if self.cfg.monitor:
+            self.host.start()
+
+    def stop(self) -> None:
+        self.host.stop()
+
+    def _node_cpu(self) -> dict[str, tuple[float, int]]:
+        out = {}
+        for name, p in self.exp.procs.items():
+            with contextlib.suppress(psutil.Error, AttributeError, ValueError):
+                proc = psutil.Process(p.pid)
+                t = proc.cpu_times()
+                out[name] = (t.user + t.system, proc.num_ctx_switches().involuntary)
+        return out
+
+    def _relays(self) -> dict[str, Any]:
+        links = getattr(self.exp.network, "links", None)
+        if getattr(links, "name", None) != "relay":
+            return {}
+        try:
+            return links.stats(window=True)
+        except OSError:  # a relay gone (its link torn down): no window to report
+            return {}
+
+    def begin_round(self) -> None:
+        if not self.cfg.monitor:
+            return
+        self._t0 = self.host.snap()[0]
+        self._nodes = self._node_cpu()
+        self._relays()  # starts every relay's lateness window here
+
+    def end_round(self) -> dict[str, Any] | None:
+        """This round's measurements and verdict, for its record."""
+        if not self.cfg.monitor:
+            return None
+        t1 = self.host.snap()[0]
+        host = self.host.window(self._t0, t1)
+        nodes = {}
+        for n, (cpu, inv) in self._node_cpu().items():
+            c0, i0 = self._nodes.get(n, (0.0, 0))
+            nodes[n] = {"cpu_s": cpu - c0, "involuntary_ctx": inv - i0}
+        relays = {}
+        for link, st in self._relays().items():
+            relays[link] = {"cpu_s": st.get("cpu_s"),
+                            **{d: {**st[d]["lateness"],
+                                   "dropped_queue": st[d]["dropped_queue"],
+                                   "dropped_loss": st[d]["dropped_loss"],
+                                   "delay_ms": st["params"][d]["delay_ms"]}
+                               for d in ("up", "down")}}
+        verdict, reasons = self.judge(host, relays)
+        return {"verdict": verdict, "reasons": reasons, "host": host, "nodes": nodes,
+                "relays": relays,
+                "mem_available_mb": psutil.virtual_memory().available / 2**20}
+
+    def judge(self, host: dict[str, Any], relays: dict[str, Any]) -> tuple[str, list[str]]:
+        """ok | degraded | invalid, and why. degraded: the host's idle CPU fell below
+        min_idle in some second, or a relay's p99 lateness passed lateness_fraction of its
+        link's delay (at least lateness_floor_ms); invalid: a relay's p99 lateness passed the
+        link's whole delay (and the floor): the link's timing did not hold at all."""
+        c = self.cfg
+        degraded, invalid = [], []
+        idle = host.get("idle_min")
+        if idle is not None and idle < c.min_idle:
+            degraded.append(f"host idle {idle * 100:.0f}% < {c.min_idle * 100:.0f}%")
+        for link, r in relays.items():
+            for d in ("up", "down"):
+                p99, delay = r[d].get("p99_ms"), r[d]["delay_ms"]
+                if p99 is None:
+                    continue
+                if p99 > max(delay, c.lateness_floor_ms):
+                    invalid.append(f"relay {link} {d} p99 lateness {p99:.2f} ms > link delay "
+                                   f"{delay:g} ms")
+                elif p99 > max(c.lateness_fraction * delay, c.lateness_floor_ms):
+                    degraded.append(f"relay {link} {d} p99 lateness {p99:.2f} ms > "
+                                    f"{max(c.lateness_fraction * delay, c.lateness_floor_ms):g}"
+                                    f" ms")
+        if invalid:
+            return "invalid", invalid + degraded
+        return ("degraded", degraded) if degraded else ("ok", [])
