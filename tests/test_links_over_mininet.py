@@ -130,6 +130,9 @@ def test_sledge_linkcheck_passes_on_the_tiny_topology(no_leaks):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"c1->srv\s+20\.\d\d\s", r.stdout), r.stdout  # 20 ms + serialisation
+    # and whether the host was idle enough for the measurement to count (Mininet-HiFi's rule)
+    assert re.search(r"^c1->srv .* yes +(ok|degraded \(host idle \d+%\))$", r.stdout, re.M), \
+        r.stdout
 
 
 def test_a_replayed_trace_changes_the_link_on_schedule(tiny, tmp_path):

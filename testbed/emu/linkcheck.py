@@ -18,6 +18,7 @@ from typing import Any
 
 import networkx as nx
 
+from testbed.emu.hostload import HostSampler
 from testbed.emu.linkmodel import Direction
 
 
@@ -90,46 +91,66 @@ def iperf(client: Any, server: Any, seconds: float, port: int = 5201) -> float:
 
 
 def linkcheck(network: Any, *, pings: int = 200, iperf_s: float = 3.0,
-              tol: Tolerance | None = None) -> list[dict[str, Any]]:
+              tol: Tolerance | None = None, min_idle: float = 0.35) -> list[dict[str, Any]]:
+    """Each host's path to the reference host, measured against the model. Every row also
+    says how idle the host CPU was while that path was measured (`host_idle_min`) and its
+    `fidelity` (degraded below `min_idle`, Mininet-HiFi's rule): a path measured on a busy
+    host is not evidence against the link."""
     tol = tol or Tolerance()
+    sampler = HostSampler(period_s=0.5)
+    sampler.start()
     net, declared = network.net, network.links.declared
     hosts = [h for h in net.hosts if h.params.get("role") != "relay"]
     servers = [h for h in hosts if h.params.get("role") == "server"]
     ref = servers[0] if servers else hosts[0]
     rows = []
-    for h in hosts:
-        if h is ref:
-            continue
-        exp = expected_path(declared, h.name, ref.name)
-        ping(h, ref.IP(), 3)  # ARP and caches warm, not measured
-        p = ping(h, ref.IP(), pings)
-        row: dict[str, Any] = {"pair": f"{h.name}->{ref.name}", "path": exp["path"],
-                               "rtt_cfg_ms": exp["rtt_ms"], "rtt_ms": p["rtt_ms"],
-                               "loss_cfg": exp["rtt_loss"], "loss": p["lost"] / p["sent"],
-                               "pings": p["sent"]}
-        slack = max(tol.rtt_rel * exp["rtt_ms"], tol.rtt_abs_ms)
-        row["rtt_ok"] = abs(p["rtt_ms"] - exp["rtt_ms"]) <= slack
-        q, n = exp["rtt_loss"], p["sent"]
-        bound = tol.loss_z * math.sqrt(max(q * (1 - q), 1e-9) / n) + 1 / n
-        row["loss_ok"] = abs(row["loss"] - q) <= bound
-        if exp["bw_mbit"] and iperf_s > 0:
-            g = iperf(h, ref, iperf_s)
-            row.update(bw_cfg_mbit=exp["bw_mbit"], goodput_mbit=g,
-                       goodput_ratio=g / exp["bw_mbit"],
-                       bw_ok=g / exp["bw_mbit"] >= tol.goodput_min)
-        row["ok"] = all(v for k, v in row.items() if k.endswith("_ok"))
-        rows.append(row)
+    try:
+        for h in hosts:
+            if h is not ref:
+                rows.append(_check_path(h, ref, declared, pings, iperf_s, tol, sampler,
+                                        min_idle))
+    finally:
+        sampler.stop()
     return rows
+
+
+def _check_path(h: Any, ref: Any, declared: Any, pings: int, iperf_s: float, tol: Tolerance,
+                sampler: HostSampler, min_idle: float) -> dict[str, Any]:
+    t0 = sampler.snap()[0]
+    exp = expected_path(declared, h.name, ref.name)
+    ping(h, ref.IP(), 3)  # ARP and caches warm, not measured
+    p = ping(h, ref.IP(), pings)
+    row: dict[str, Any] = {"pair": f"{h.name}->{ref.name}", "path": exp["path"],
+                           "rtt_cfg_ms": exp["rtt_ms"], "rtt_ms": p["rtt_ms"],
+                           "loss_cfg": exp["rtt_loss"], "loss": p["lost"] / p["sent"],
+                           "pings": p["sent"]}
+    slack = max(tol.rtt_rel * exp["rtt_ms"], tol.rtt_abs_ms)
+    row["rtt_ok"] = abs(p["rtt_ms"] - exp["rtt_ms"]) <= slack
+    q, n = exp["rtt_loss"], p["sent"]
+    bound = tol.loss_z * math.sqrt(max(q * (1 - q), 1e-9) / n) + 1 / n
+    row["loss_ok"] = abs(row["loss"] - q) <= bound
+    if exp["bw_mbit"] and iperf_s > 0:
+        g = iperf(h, ref, iperf_s)
+        row.update(bw_cfg_mbit=exp["bw_mbit"], goodput_mbit=g,
+                   goodput_ratio=g / exp["bw_mbit"],
+                   bw_ok=g / exp["bw_mbit"] >= tol.goodput_min)
+    row["ok"] = all(v for k, v in row.items() if k.endswith("_ok"))
+    idle = sampler.window(t0, sampler.snap()[0])["idle_min"]
+    row["host_idle_min"] = idle
+    row["fidelity"] = "degraded" if idle is not None and idle < min_idle else "ok"
+    return row
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     head = f"{'pair':<14}{'RTT cfg':>9}{'RTT':>9}{'loss cfg':>10}{'loss':>8}" \
-           f"{'bw cfg':>9}{'goodput':>9}{'ratio':>7}  ok"
+           f"{'bw cfg':>9}{'goodput':>9}{'ratio':>7}  ok   fidelity"
     lines = [head]
     for r in rows:
         bw = (f"{r['bw_cfg_mbit']:>9.1f}{r['goodput_mbit']:>9.2f}{r['goodput_ratio']:>7.3f}"
               if "bw_cfg_mbit" in r else f"{'-':>9}{'-':>9}{'-':>7}")
         lines.append(f"{r['pair']:<14}{r['rtt_cfg_ms']:>9.2f}{r['rtt_ms']:>9.2f}"
                      f"{r['loss_cfg']:>10.3f}{r['loss']:>8.3f}{bw}  "
-                     f"{'yes' if r['ok'] else 'NO'}")
+                     f"{'yes' if r['ok'] else 'NO':<5}{r.get('fidelity', '-')}"
+                     + (f" (host idle {r['host_idle_min'] * 100:.0f}%)"
+                        if r.get("fidelity") == "degraded" else ""))
     return "\n".join(lines)
