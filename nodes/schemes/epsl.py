@@ -11,8 +11,17 @@ b*(phi + N*(1 - phi)) vectors instead of N*b: at phi=1 that is b, whatever N; ph
 
 Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
 - phi in [0, 1];
-- epsl_bp_mode: representative (above) | cutlayer_average (PSL's full backward, then the
-  aggregated cut rows averaged over clients: only the downlink changes; an ablation);
+- epsl_bp_mode, how an aggregated row is back-propagated (docs/schemes.md has the measured
+  accuracy of each):
+  representative: the sum over clients, through client j mod N's activations (above);
+  mean_activation: the sum over clients, through the mean over clients of the activations at
+    that position (one more server forward of k_a rows, the only place the mean exists);
+  representative_unbiased, mean_activation_unbiased: as those, but the aggregated row is N
+    times the sum, so that the part of it that comes from a sample's own label has the
+    weight it has in PSL (the sum alone carries each sample's own error at 1/N: server and
+    clients then learn at 1/N of PSL's rate); what every client gets is scaled alike;
+  cutlayer_average: PSL's full backward, then the aggregated cut rows averaged over clients
+  (the server update is PSL's, only the downlink changes; an ablation, N*b BP rows);
 - epsl_bp_compute: masked (one backward whose seed has zero rows: the counters show the work
   saved, the CPU does not) | subset (a forward without graph for G, then forward and backward
   over the needed rows only: the saving is real, at the cost of a second forward, and BN
@@ -47,13 +56,22 @@ def aggregated_positions(phi: float, b: int) -> int:
     return int(math.floor(phi * b + 0.5))
 
 
-def representative_seed(G: torch.Tensor, k_a: int) -> torch.Tensor:
-    """G' from G (N, b, ...): position j < k_a carries the sum over clients at client j mod N
-    and zero elsewhere; positions j >= k_a are unchanged."""
+BP_MODES = ("representative", "mean_activation", "representative_unbiased",
+            "mean_activation_unbiased", "cutlayer_average")
+
+
+def agg_factor(mode: str, n: int) -> float:
+    """What multiplies the sum over clients of an aggregated position's output gradient."""
+    return float(n) if mode.endswith("_unbiased") else 1.0
+
+
+def representative_seed(G: torch.Tensor, k_a: int, factor: float = 1.0) -> torch.Tensor:
+    """G' from G (N, b, ...): position j < k_a carries `factor` times the sum over clients at
+    client j mod N and zero elsewhere; positions j >= k_a are unchanged."""
     seed = G.clone()
     if k_a:
         j = torch.arange(k_a)
-        summed = G[:, :k_a].sum(0)
+        summed = G[:, :k_a].sum(0) * factor
         seed[:, :k_a] = 0
         seed[j % G.shape[0], j] = summed
     return seed
@@ -71,7 +89,7 @@ def split_downlink(xgrad: torch.Tensor, k_a: int, scale: float,
     """From the cut gradient (N, b, ...) of the mean loss: the k_a rows every client shares
     and the (N, b - k_a) rows each gets alone, both on the per-client scale `scale` implies."""
     n, j = xgrad.shape[0], torch.arange(k_a)
-    if mode == "representative":  # row j came from one client's Jacobian: already summed
+    if mode.startswith("representative"):  # row j came from one client's Jacobian: summed
         shared = xgrad[j % n, j] * (scale / n)
     else:
         shared = (xgrad[:, :k_a] * scale).mean(0)
@@ -84,8 +102,8 @@ class EPSL(PSL):
     latency = "psl_epsl"
     options = {**{k: v for k, v in PSL.options.items() if k != "psl_server_mode"},
                "phi": 0.5, "epsl_bp_mode": "representative", "epsl_bp_compute": "masked"}
-    choices = {"client_grad_scale": PSL.choices["client_grad_scale"],
-               "epsl_bp_mode": ("representative", "cutlayer_average"),
+    choices = {**{k: v for k, v in PSL.choices.items() if k != "psl_server_mode"},
+               "epsl_bp_mode": BP_MODES,
                "epsl_bp_compute": ("masked", "subset")}
 
     def __init__(self, **opts) -> None:
@@ -115,11 +133,20 @@ class EPSL(PSL):
             raise ValueError("epsl aggregates batch positions across clients: every client "
                              "needs the same batch size (a shard smaller than batch_size?)")
         k_a, mode = aggregated_positions(self.opts["phi"], b), self.opts["epsl_bp_mode"]
-        subset = self.opts["epsl_bp_compute"] == "subset" and mode == "representative"
+        factor = agg_factor(mode, n)
+        mean_act = mode.startswith("mean_activation") and k_a > 0
+        subset = self.opts["epsl_bp_compute"] == "subset" and mode.startswith("representative")
         p = server_forward(self, ctx, model, batch, rnd, step, grad=not subset)
         with ctx.compute():
             G = p.G.unflatten(0, (n, b))
-            seed = (representative_seed(G, k_a) if mode == "representative" else G).flatten(0, 1)
+            if mode.startswith("representative"):
+                seed = representative_seed(G, k_a, factor)
+            elif mean_act:  # the aggregated positions go through the mean activations below
+                seed = G.clone()
+                seed[:, :k_a] = 0
+            else:
+                seed = G
+            seed = seed.flatten(0, 1)
             for o in opts:
                 o.zero_grad(set_to_none=True)
             if subset:
@@ -131,6 +158,14 @@ class EPSL(PSL):
             else:
                 p.out.backward(seed)
                 xgrad = p.x.grad
+            if mean_act:
+                xbar = p.x.detach().unflatten(0, (n, b))[:, :k_a].mean(0).requires_grad_()
+                model(xbar).backward(G[:, :k_a].sum(0) * factor)
+                xgrad = xgrad.unflatten(0, (n, b)).clone()
+                # every client's row j: the one from the mean, on the server objective's
+                # scale split over the n clients (split_downlink averages them back)
+                xgrad[:, :k_a] = xbar.grad / n
+                xgrad = xgrad.flatten(0, 1)
             for o in opts:
                 o.step()
             shared, own = split_downlink(xgrad.unflatten(0, (n, b)), k_a,
