@@ -20,6 +20,10 @@ Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
     times the sum, so that the part of it that comes from a sample's own label has the
     weight it has in PSL (the sum alone carries each sample's own error at 1/N: server and
     clients then learn at 1/N of PSL's rate); what every client gets is scaled alike;
+  last_layer: the server's last unit back-propagates every row exactly (its weight gradient
+    is PSL's); the gradients at its input are summed over clients at the aggregated
+    positions and go on through the representative's activations (the aggregation at "the
+    last layer" taken literally); the b rows count the rest of the server's BP;
   cutlayer_average: PSL's full backward, then the aggregated cut rows averaged over clients
   (the server update is PSL's, only the downlink changes; an ablation, N*b BP rows);
 - epsl_bp_compute: masked (one backward whose seed has zero rows: the counters show the work
@@ -57,7 +61,7 @@ def aggregated_positions(phi: float, b: int) -> int:
 
 
 BP_MODES = ("representative", "mean_activation", "representative_unbiased",
-            "mean_activation_unbiased", "cutlayer_average")
+            "mean_activation_unbiased", "last_layer", "cutlayer_average")
 
 
 def agg_factor(mode: str, n: int) -> float:
@@ -89,7 +93,7 @@ def split_downlink(xgrad: torch.Tensor, k_a: int, scale: float,
     """From the cut gradient (N, b, ...) of the mean loss: the k_a rows every client shares
     and the (N, b - k_a) rows each gets alone, both on the per-client scale `scale` implies."""
     n, j = xgrad.shape[0], torch.arange(k_a)
-    if mode.startswith("representative"):  # row j came from one client's Jacobian: summed
+    if mode.startswith("representative") or mode == "last_layer":  # one client's Jacobian
         shared = xgrad[j % n, j] * (scale / n)
     else:
         shared = (xgrad[:, :k_a] * scale).mean(0)
@@ -136,7 +140,15 @@ class EPSL(PSL):
         factor = agg_factor(mode, n)
         mean_act = mode.startswith("mean_activation") and k_a > 0
         subset = self.opts["epsl_bp_compute"] == "subset" and mode.startswith("representative")
-        p = server_forward(self, ctx, model, batch, rnd, step, grad=not subset)
+        last = mode == "last_layer" and k_a > 0
+        if last:  # the last unit's input, inside the forward's graph
+            seen: list[torch.Tensor] = []
+            hook = model[-1].register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+        try:
+            p = server_forward(self, ctx, model, batch, rnd, step, grad=not subset)
+        finally:
+            if last:
+                hook.remove()
         with ctx.compute():
             G = p.G.unflatten(0, (n, b))
             if mode.startswith("representative"):
@@ -149,7 +161,15 @@ class EPSL(PSL):
             seed = seed.flatten(0, 1)
             for o in opts:
                 o.zero_grad(set_to_none=True)
-            if subset:
+            if last:
+                head = [q for q in model[-1].parameters() if q.requires_grad]
+                dh, *dw = torch.autograd.grad(p.out, [seen[0], *head], p.G)
+                for q, g in zip(head, dw, strict=True):
+                    q.grad = g
+                seen[0].backward(representative_seed(dh.unflatten(0, (n, b)), k_a)
+                                 .flatten(0, 1))
+                xgrad = p.x.grad
+            elif subset:
                 rows = backprop_rows(n, b, k_a)
                 xs = p.x.detach()[rows].requires_grad_()
                 model(xs).backward(seed[rows])
