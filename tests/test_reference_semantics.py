@@ -127,11 +127,14 @@ def _reference(scheme: str) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
 
 
 def run(tmp_path, scheme: str, **options) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
-    topo, _ = load_topology(TINY, params={"clients": N, "fed": scheme != "psl"})
+    topo, _ = load_topology(TINY, params={"clients": N, "fed": scheme.startswith("sfl")})
+    options = {**REFERENCE, **options}
+    if scheme == "fl":  # no server optimizer
+        options.pop("server_optimizer_reset")
     cfg = dict(name=scheme, scheme=scheme, dataset="digits", rounds=ROUNDS, batch_size=BATCH,
                lr=LR, momentum=MOM, train_limit=LIMIT, test_limit=100, seed=SEED,
                out_dir=str(tmp_path), port=free_ports(), cuts=[CUT],
-               scheme_options={**REFERENCE, **options})
+               scheme_options=options)
     exp = Experiment(RunConfig.from_dict(cfg), topo, topology=TINY, loopback=True)
     exp.run()
     return {n: torch.load(c["checkpoint"], weights_only=True)["segments"]
@@ -162,3 +165,14 @@ def test_the_reference_tells_the_optimizer_semantics_apart():
         F.cross_entropy(b(act.detach()), y).backward()
         opt.step()  # momentum carried over
     assert not same(a.state_dict(), b.state_dict())
+
+
+def test_sflv1_and_fl_train_the_same_weights_bit_for_bit(tmp_path):
+    """docs/schemes.md: with persistent optimizers and equal FedAvg weights, SFL-V1's client
+    head and server copy are the whole model FL's client trains, averaged the same way."""
+    sfl = run(tmp_path / "sfl", "sflv1", client_optimizer_reset="never",
+              server_optimizer_reset="never")
+    fl = run(tmp_path / "fl", "fl", client_optimizer_reset="never")
+    for c in (f"c{i + 1}" for i in range(N)):
+        assert same(sfl[c][0], fl[c][0]), c
+        assert same(sfl["srv"][1], fl[c][1]), c
