@@ -24,6 +24,11 @@ Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
     is PSL's); the gradients at its input are summed over clients at the aggregated
     positions and go on through the representative's activations (the aggregation at "the
     last layer" taken literally); the b rows count the rest of the server's BP;
+  label_matched: the N*k_a aggregated samples are grouped by label instead of by position
+    (sorted by label, cut into k_a groups of N), each group's sum back-propagated through one
+    member's activations; the k_a shared rows are broadcast and each client is told which
+    row is each of its samples' (k_a small integers in the message's meta). Samples of one
+    label have similar output errors, so the shared row is close to each member's own;
   cutlayer_average: PSL's full backward, then the aggregated cut rows averaged over clients
   (the server update is PSL's, only the downlink changes; an ablation, N*b BP rows);
 - epsl_bp_compute: masked (one backward whose seed has zero rows: the counters show the work
@@ -61,7 +66,7 @@ def aggregated_positions(phi: float, b: int) -> int:
 
 
 BP_MODES = ("representative", "mean_activation", "representative_unbiased",
-            "mean_activation_unbiased", "last_layer", "cutlayer_average")
+            "mean_activation_unbiased", "last_layer", "label_matched", "cutlayer_average")
 
 
 def agg_factor(mode: str, n: int) -> float:
@@ -79,6 +84,21 @@ def representative_seed(G: torch.Tensor, k_a: int, factor: float = 1.0) -> torch
         seed[:, :k_a] = 0
         seed[j % G.shape[0], j] = summed
     return seed
+
+
+def label_groups(labels: torch.Tensor, k_a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (N, b): the samples at positions < k_a of every client, sorted by label (stable,
+    client-major) and cut into k_a groups of N. Returns members (k_a, N), flat indices into
+    N*b, the representative (first) member of group g at column g mod N; and group (N, k_a),
+    the group of each client's aggregated sample."""
+    n, b = labels.shape
+    flat = (torch.arange(n)[:, None] * b + torch.arange(k_a)[None, :]).reshape(-1)
+    order = torch.sort(labels[:, :k_a].reshape(-1), stable=True).indices
+    members = flat[order].view(k_a, n)
+    members = torch.stack([m.roll(-(g % n)) for g, m in enumerate(members)])  # rep first
+    group = torch.empty(n * b, dtype=torch.long)
+    group[members.reshape(-1)] = torch.arange(k_a).repeat_interleave(n)
+    return members, group.view(n, b)[:, :k_a]
 
 
 def backprop_rows(n: int, b: int, k_a: int) -> torch.Tensor:
@@ -114,6 +134,9 @@ class EPSL(PSL):
         super().__init__(**opts)
         if not 0.0 <= self.opts["phi"] <= 1.0:
             raise ValueError(f"scheme 'epsl': option phi={self.opts['phi']!r} must be in [0, 1]")
+        if self.opts["epsl_bp_mode"] == "label_matched" and self.opts["u_shaped"]:
+            raise ValueError("scheme 'epsl': epsl_bp_mode=label_matched groups by label, which "
+                             "a u_shaped server does not have")
 
     def latency_model(self) -> tuple[str, dict[str, Any]] | None:
         name, params = super().latency_model()
@@ -141,6 +164,7 @@ class EPSL(PSL):
         mean_act = mode.startswith("mean_activation") and k_a > 0
         subset = self.opts["epsl_bp_compute"] == "subset" and mode.startswith("representative")
         last = mode == "last_layer" and k_a > 0
+        matched = mode == "label_matched" and k_a > 0
         if last:  # the last unit's input, inside the forward's graph
             seen: list[torch.Tensor] = []
             hook = model[-1].register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
@@ -153,6 +177,14 @@ class EPSL(PSL):
             G = p.G.unflatten(0, (n, b))
             if mode.startswith("representative"):
                 seed = representative_seed(G, k_a, factor)
+            elif matched:
+                labels = torch.stack([m.tensors["labels"] for _, m in batch])
+                members, groups = label_groups(labels, k_a)
+                flat = G.flatten(0, 1)
+                seed = flat.clone()
+                seed[members.reshape(-1)] = 0
+                seed[members[:, 0]] = flat[members].sum(1)
+                seed = seed.view_as(G)
             elif mean_act:  # the aggregated positions go through the mean activations below
                 seed = G.clone()
                 seed[:, :k_a] = 0
@@ -190,12 +222,15 @@ class EPSL(PSL):
                 o.step()
             shared, own = split_downlink(xgrad.unflatten(0, (n, b)), k_a,
                                          self.grad_scale(n), mode)
+            if matched:  # group g's row came from its representative: already summed
+                shared = xgrad[members[:, 0]] * (self.grad_scale(n) / n)
         ctx.count(server_steps=1,
                   server_bp_vectors=n * b if mode == "cutlayer_average" else k_a + n * (b - k_a))
         if k_a:
             for i, c in enumerate(p.clients):
                 nbytes = ctx.router.send("GRAD_BCAST", to=c, round=rnd, step=step,
-                                         tensors={"grad": shared})
+                                         tensors={"grad": shared},
+                                         meta={"rows": groups[i].tolist()} if matched else None)
                 if i == 0:  # what one broadcast would carry
                     ctx.count(grad_rows_down=k_a, grad_bytes_down=nbytes)
         if k_a < b:
@@ -213,7 +248,11 @@ class EPSL(PSL):
         k_a = aggregated_positions(self.opts["phi"], b)
         parts = []
         if k_a:
-            parts.append(ctx.expect(ep, "GRAD_BCAST", rnd, step)[1].tensors["grad"])
+            msg = ctx.expect(ep, "GRAD_BCAST", rnd, step)[1]
+            rows = msg.tensors["grad"]
+            if "rows" in msg.meta:  # label_matched: which shared row is each sample's
+                rows = rows[torch.tensor(msg.meta["rows"], dtype=torch.long)]
+            parts.append(rows)
         if k_a < b:
             parts.append(ctx.expect(ep, "GRAD", rnd, step)[1].tensors["grad"])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
