@@ -52,16 +52,22 @@ SCHEMES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+POOL_ENV = "SLEDGE_FIG4_POOL"  # "TRAIN,TEST": load only that many of each split (--quick)
+
+
 def fashion32(root: str | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Fashion-MNIST (standardised, as the built-in loader gives it) padded to 32x32 with the
-    standardised value of a black pixel."""
+    standardised value of a black pixel. Every node process loads it; with $SLEDGE_FIG4_POOL
+    set (--quick) only a seeded subset of each split, which keeps start-up short."""
     from nodes.data import DATASETS, load_dataset
 
     spec = DATASETS["fashion-mnist"]
     black = (0.0 - spec.mean[0]) / spec.std[0]
+    pool = [int(v) for v in os.environ[POOL_ENV].split(",")] if os.environ.get(POOL_ENV) \
+        else [None, None]
     out = []
-    for split in ("train", "test"):
-        d = load_dataset("fashion-mnist", split, root=root)
+    for split, limit in zip(("train", "test"), pool, strict=True):
+        d = load_dataset("fashion-mnist", split, root=root, limit=limit, seed=12345)
         out.append((F.pad(d.x, (2, 2, 2, 2), value=black), d.y))
     return tuple(out)
 
@@ -185,6 +191,7 @@ def main() -> None:
     if a.quick:
         a.rounds, a.seeds, a.clients, a.train_limit, a.test_limit = 2, [0], 3, 30, 30
         a.batch = 10
+        os.environ[POOL_ENV] = "300,100"  # the node processes inherit it
         a.patience, a.target = 1, 20.0
     known = {s[0] for s in SCHEMES}
     if unknown := set(a.schemes) - known:
