@@ -178,6 +178,8 @@ def main() -> None:
                    help="labels of the schemes to run (default: all seven)")
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--cut", default="layer1.1", help="ResNet-18 unit the client ends with")
+    p.add_argument("--epsl-bp-mode", default=None,
+                   help="EPSL's epsl_bp_mode (default: the scheme's; docs/schemes.md)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -204,6 +206,8 @@ def main() -> None:
         for label, scheme, options in SCHEMES:
             if label not in a.schemes:
                 continue
+            if scheme == "epsl" and a.epsl_bp_mode:
+                options = {**options, "epsl_bp_mode": a.epsl_bp_mode}
             for seed in a.seeds:
                 acc, wall = run_one(scheme, options, seed, a, runs_dir)
                 results.setdefault(label, {})[seed] = {
