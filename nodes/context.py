@@ -205,19 +205,39 @@ class NodeContext:
         self.loss_n += n
 
     # -- data ---------------------------------------------------------------------------------
-    def batches(self, iters: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`iters` mini-batches, walking seeded epochs over the shard across rounds."""
+    def batches(self, iters: int,
+                epoch: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`iters` mini-batches, walking seeded epochs over the shard across rounds (the tail
+        of each pass that does not fill a batch is skipped). epoch=True: the `iters` batches
+        are exactly one pass over a fresh shuffle of the shard, the last one partial if the
+        shard is not a multiple of the batch size (DataLoader's drop_last=False)."""
         if self.data is None or len(self.data) == 0:
             raise RuntimeError(f"node {self.name}: no training data on this node")
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
         n, b = len(self.data), min(self.batch_size, len(self.data))
+        if epoch:
+            yield from self._epoch(iters, n, b)
+            return
         for _ in range(iters):
             if self._order is None or self._cursor + b > n:
                 self._order, self._cursor = torch.randperm(n, generator=self._gen), 0
             idx = self._order[self._cursor:self._cursor + b]
             self._cursor += b
             self.samples += b
+            yield self.data.x[idx], self.data.y[idx]
+
+    def _epoch(self, iters: int, n: int, b: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if -(-n // b) != iters:
+            raise RuntimeError(
+                f"node {self.name}: epoch_rounds: a shard of {n} samples is {-(-n // b)} "
+                f"batches of {b}, but a round has {iters} steps (every client needs "
+                f"ceil(shard / batch_size) steps: equal shards, iters_per_round unset)")
+        self._order, self._cursor = torch.randperm(n, generator=self._gen), 0
+        while self._cursor < n:
+            idx = self._order[self._cursor:self._cursor + b]
+            self._cursor += len(idx)
+            self.samples += len(idx)
             yield self.data.x[idx], self.data.y[idx]
 
     # -- messages -----------------------------------------------------------------------------

@@ -39,7 +39,14 @@ import torch
 
 from nodes.context import NodeContext
 from nodes.schemes.base import Roles
-from nodes.schemes.common import SplitScheme, send_cut, send_grad, served, server_forward
+from nodes.schemes.common import (
+    TRAINING_OPTIONS,
+    SplitScheme,
+    send_cut,
+    send_grad,
+    served,
+    server_forward,
+)
 from nodes.schemes.weights import fedavg, pack, unpack
 
 MAX_BATCHES = 10**9  # a client's batches per round: until the server says stop
@@ -57,8 +64,10 @@ def staleness_weight(tau: int, fn: str, a: float, b: float) -> float:
 class AsyncSL(SplitScheme):
     name = "async_sl"
     label = "Async SL"
-    options = {**SplitScheme.options, "staleness_policy": "none", "tau_max": 4,
-               "staleness_fn": "polynomial", "staleness_a": 0.5, "staleness_b": 4.0,
+    # its clients stream batches until told to stop: no rounds of fixed steps to reset at
+    options = {**{k: v for k, v in SplitScheme.options.items() if k not in TRAINING_OPTIONS},
+               "staleness_policy": "none", "tau_max": 4, "staleness_fn": "polynomial",
+               "staleness_a": 0.5, "staleness_b": 4.0,
                "client_mix": "none", "mix_alpha": 0.5}
     choices = {"staleness_policy": ("none", "bounded", "lr_decay"),
                "staleness_fn": ("constant", "polynomial", "hinge"),

@@ -19,6 +19,20 @@ the server's last activation down to the client and its gradient back up. Upstre
 each client (ctx.proxies), so the next tier serves the clients unchanged. Segments a node holds
 for the clients (SL's store, the fed server) are `client_segs`, from the run's placement.
 
+Training semantics every scheme built on this base offers as options (and FL, fl.py):
+- client_optimizer_reset, server_optimizer_reset: never | round | batch. When the optimizer
+  state (SGD momentum) starts afresh: never (it persists across batches and rounds, and, in
+  SFL and FL, across the FedAvg that replaces the weights it was built on), at the start of
+  every round, or before every batch. The SplitFed reference code builds a new client
+  optimizer each round and a new server optimizer each batch (client round, server batch).
+  A server's "round" reset happens at its first update of the round, per optimizer (one per
+  server copy in SFL-V1).
+- epoch_rounds: a round is exactly one pass over the client's shard, a fresh shuffle each
+  round and the last, partial batch kept (torch DataLoader's drop_last=False); every client's
+  shard must then make the round's number of steps (ceil(shard / batch_size)). Off: batches
+  of batch_size are drawn from a shuffled stream that drops the tail of each pass, so rounds
+  drift against epochs.
+
 Counters a server reports per round (ctx.count): server_steps (optimizer steps),
 server_bp_vectors (output-gradient rows back-propagated), grad_rows_down and grad_bytes_down
 (cut-gradient rows and message bytes sent to clients, a broadcast counted once); aggregators
@@ -28,7 +42,7 @@ add aggregations.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +57,47 @@ from nodes.schemes.weights import fedavg
 
 Batch = list[tuple[str, Message]]  # (client, its ACT message), in server batch order
 
+RESETS = ("never", "round", "batch")
+# The training-semantics options (module doc); FL takes the client's and epoch_rounds.
+TRAINING_OPTIONS = {"client_optimizer_reset": "never", "server_optimizer_reset": "never",
+                    "epoch_rounds": False}
+TRAINING_CHOICES = {"client_optimizer_reset": RESETS, "server_optimizer_reset": RESETS}
+
+
+def client_batches(scheme: Scheme, ctx: NodeContext, rnd: int,
+                   iters: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A client's batches of one round (epoch_rounds or the stream), its optimizers reset
+    before each as client_optimizer_reset says."""
+    mode = scheme.opts["client_optimizer_reset"]
+    for step, xy in enumerate(ctx.batches(iters, epoch=scheme.opts["epoch_rounds"])):
+        if mode == "batch" or (mode == "round" and step == 0):
+            for o in ctx.optimizers.values():
+                o.state.clear()
+        yield xy
+
+
+def reset_server_optimizers(scheme: Scheme, ctx: NodeContext,
+                            opts: Sequence[torch.optim.Optimizer], rnd: int) -> None:
+    """Before a server (or relay) update: server_optimizer_reset's fresh start, if due."""
+    mode = scheme.opts.get("server_optimizer_reset", "never")
+    if mode == "never":
+        return
+    done = getattr(scheme, "_server_resets", None)
+    if done is None:
+        done = scheme._server_resets = {}  # optimizer -> (round, recovery epoch) of its reset
+    for o in opts:
+        if mode == "batch" or done.get(id(o)) != (rnd, ctx.epoch):
+            o.state.clear()
+            done[id(o)] = (rnd, ctx.epoch)
+
 
 class SplitScheme(Scheme):
     options = {
         "u_shaped": False,           # labels and last segment stay on the client (section 3)
         "debug_send_labels": False,  # U-shaped only: leak labels anyway (proves the wire test)
+        **TRAINING_OPTIONS,
     }
+    choices = dict(TRAINING_CHOICES)
 
     def latency_model(self) -> tuple[str, dict[str, Any]] | None:
         if self.opts["u_shaped"] and self.latency:
@@ -135,7 +184,7 @@ class SplitScheme(Scheme):
     def train_client(self, ctx: NodeContext, rnd: int, iters: int) -> None:
         (server,) = ctx.servers
         ep = ctx.peers[server]
-        for step, (x, y) in enumerate(ctx.batches(iters)):
+        for step, (x, y) in enumerate(client_batches(self, ctx, rnd, iters)):
             self.client_step(ctx, ep, rnd, step, x, y)
 
     def client_step(self, ctx: NodeContext, ep: Endpoint, rnd: int, step: int,
@@ -190,6 +239,7 @@ class SplitScheme(Scheme):
                batch: Batch, rnd: int, step: int, n: int | None = None) -> None:
         """One server update of `batch` with `model`, or on a relay its part of one; `n`: the
         clients of the server's batch this one is part of (default: this batch's)."""
+        reset_server_optimizers(self, ctx, opts, rnd)
         if ctx.proxies:
             self.relay_update(ctx, model, opts, batch, rnd, step, n or len(batch))
         else:

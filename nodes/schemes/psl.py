@@ -25,7 +25,7 @@ class PSL(SplitScheme):
     latency = "psl_epsl"
     options = {**SplitScheme.options, "client_grad_scale": "per_client",
                "psl_server_mode": "concat"}
-    choices = {"client_grad_scale": ("per_client", "global_mean"),
+    choices = {**SplitScheme.choices, "client_grad_scale": ("per_client", "global_mean"),
                "psl_server_mode": ("concat", "per_client_sequential", "per_client_copies_avg")}
 
     def concatenates(self) -> bool:

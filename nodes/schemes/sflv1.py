@@ -32,7 +32,7 @@ class SFLV1(SplitScheme):
     latency = "sflv1"
     roles = ("client", "server", "fedserver")
     options = {**SplitScheme.options, **FEDAVG_OPTIONS}
-    choices = dict(FEDAVG_CHOICES)
+    choices = {**SplitScheme.choices, **FEDAVG_CHOICES}
 
     def keep_for_clients(self, placement: dict[str, list[int]], roles: Roles,
                          client_segs: list[int]) -> dict[str, list[int]]:

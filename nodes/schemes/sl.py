@@ -35,7 +35,7 @@ class VanillaSL(SplitScheme):
     latency = "vanilla_sl"
     options = {**SplitScheme.options, "handoff": "server", "handoff_optimizer_state": False,
                "reset_server_optimizer_each_batch": False}
-    choices = {"handoff": ("server", "p2p")}
+    choices = {**SplitScheme.choices, "handoff": ("server", "p2p")}
     sequential_clients = True
 
     def via_server(self) -> bool:

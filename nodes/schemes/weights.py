@@ -69,7 +69,8 @@ def fingerprint(ctx: NodeContext, segs: list[int]) -> str:
     h = hashlib.sha1()
     for name, t in pack(ctx, segs).items():
         h.update(name.encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: a 0-dim tensor (BN's num_batches_tracked) cannot be viewed as bytes
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Seed Fig. 4: test accuracy against rounds of FL, SL, SFL-V1, SFL-V2, PSL and EPSL (phi 0.5
+and 1) with ResNet-18 (CIFAR stem) on Fashion-MNIST padded to 32x32, 5 IID clients.
+
+Every scheme runs with every seed (default 0 1 2) on topologies/tiny.py, on the loopback
+network by default (no emulation: accuracy against rounds does not depend on the links).
+Each run trains --rounds rounds (one local epoch each: epoch_rounds); the plateau rule then
+picks where it would have stopped:
+
+    plateau: the first round r >= --patience + 1 at which the best accuracy of rounds
+    1..r exceeds the best of rounds 1..r-patience by less than --min-delta points
+    (no gain of min-delta in the last `patience` rounds); no plateau: the last round.
+
+A run's "final" accuracy is the accuracy at its plateau round, "best" the best up to it, and
+"rounds to target" the first round reaching --target (%). Rounds after the plateau do not
+change rounds before it, so a fixed-length run measured this way equals a run stopped there.
+Writes fig4.md (the table over seeds: mean +- std), fig4.csv (every run and round), fig4.json
+and fig4.png (accuracy against rounds, mean over seeds with the min-max band) to --out.
+
+    .venv/bin/python benchmarks/fig4.py --quick          # CI-sized smoke run
+    .venv/bin/python benchmarks/fig4.py [--rounds 30] [--seeds 0 1 2] [--train-limit 6000]
+
+The data set is this file's fashion32 loader (a data set given by import path, as a user's
+own would be): Fashion-MNIST from its usual local folder, zero-padded by 2 pixels a side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "topologies", "tiny.py")
+DATASET = f"{os.path.abspath(__file__)}:fashion32"
+SCHEMES: list[tuple[str, str, dict[str, Any]]] = [
+    ("FL", "fl", {}),
+    ("SL", "sl", {}),
+    ("SFL-V1", "sflv1", {}),
+    ("SFL-V2", "sflv2", {}),
+    ("PSL", "psl", {}),
+    ("EPSL phi=0.5", "epsl", {"phi": 0.5}),
+    ("EPSL phi=1", "epsl", {"phi": 1.0}),
+]
+
+
+POOL_ENV = "SLEDGE_FIG4_POOL"  # "TRAIN,TEST": load only that many of each split (--quick)
+
+
+def fashion32(root: str | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Fashion-MNIST (standardised, as the built-in loader gives it) padded to 32x32 with the
+    standardised value of a black pixel. Every node process loads it; with $SLEDGE_FIG4_POOL
+    set (--quick) only a seeded subset of each split, which keeps start-up short."""
+    from nodes.data import DATASETS, load_dataset
+
+    spec = DATASETS["fashion-mnist"]
+    black = (0.0 - spec.mean[0]) / spec.std[0]
+    pool = [int(v) for v in os.environ[POOL_ENV].split(",")] if os.environ.get(POOL_ENV) \
+        else [None, None]
+    out = []
+    for split, limit in zip(("train", "test"), pool, strict=True):
+        d = load_dataset("fashion-mnist", split, root=root, limit=limit, seed=12345)
+        out.append((F.pad(d.x, (2, 2, 2, 2), value=black), d.y))
+    return tuple(out)
+
+
+def plateau_round(acc: list[float], patience: int, min_delta: float) -> int | None:
+    """The round (1-based) the plateau rule stops at (module doc), None if it never does."""
+    for r in range(patience + 1, len(acc) + 1):
+        if max(acc[:r]) - max(acc[:r - patience]) < min_delta:
+            return r
+    return None
+
+
+def summarize_run(acc: list[float], a: argparse.Namespace) -> dict[str, Any]:
+    stop = plateau_round(acc, a.patience, a.min_delta)
+    end = stop or len(acc)
+    hit = next((r + 1 for r, v in enumerate(acc) if v >= a.target), None)
+    return {"plateau": stop, "final": acc[end - 1], "best": max(acc[:end]), "to_target": hit}
+
+
+def run_one(scheme: str, options: dict[str, Any], seed: int, a: argparse.Namespace,
+            out_dir: str) -> tuple[list[float], float]:
+    """Test accuracy (%) per round of one run, and its wall time in seconds."""
+    from testbed import Experiment
+    from testbed.emu.topology import load_topology
+    from testbed.plan.config import RunConfig
+
+    fed = scheme in ("sflv1", "sflv2")
+    topo, _ = load_topology(TINY, params={"clients": a.clients, "fed": fed})
+    cfg = RunConfig.from_dict(dict(
+        name=f"fig4-{scheme}", scheme=scheme, dataset=DATASET, model="resnet18",
+        cuts=[a.cut], rounds=a.rounds, batch_size=a.batch, lr=a.lr, momentum=a.momentum,
+        train_limit=a.train_limit, test_limit=a.test_limit, seed=seed, out_dir=out_dir,
+        scheme_options={**options, "epoch_rounds": True}))
+    t0 = time.perf_counter()
+    exp = Experiment(cfg, topo, topology=TINY, loopback=True, quiet=True)
+    exp.run()
+    return [100.0 * r["test_acc"] for r in exp.rounds], time.perf_counter() - t0
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.fmean(xs):.2f} ± {sd:.2f}"
+
+
+def table(results: dict[str, dict[int, dict]], a: argparse.Namespace) -> list[str]:
+    lines = [f"| scheme | final acc. (%) | best acc. (%) | rounds to {a.target:g} % "
+             f"| plateau round | wall time per run (s) |", "|---|---|---|---|---|---|"]
+    for label, runs in results.items():
+        s = [r["summary"] for r in runs.values()]
+        hits = [x["to_target"] for x in s if x["to_target"] is not None]
+        to_target = (f"{statistics.fmean(hits):.1f} ({len(hits)}/{len(s)} runs)" if hits
+                     else f"not reached (0/{len(s)})")
+        plateaus = [x["plateau"] for x in s if x["plateau"] is not None]
+        plat = (f"{statistics.fmean(plateaus):.1f} ({len(plateaus)}/{len(s)})" if plateaus
+                else f"none in {a.rounds}")
+        lines.append(f"| {label} | {mean_std([x['final'] for x in s])} "
+                     f"| {mean_std([x['best'] for x in s])} | {to_target} | {plat} "
+                     f"| {statistics.fmean(r['wall_s'] for r in runs.values()):.0f} |")
+    return lines
+
+
+def epsl_gap(results: dict[str, dict[int, dict]]) -> str:
+    psl, epsl = results.get("PSL"), results.get("EPSL phi=1")
+    if not psl or not epsl:
+        return ""
+    gaps = [psl[s]["summary"]["final"] - epsl[s]["summary"]["final"] for s in psl if s in epsl]
+    verdict = "within" if statistics.fmean(gaps) <= 0.5 else "not within"
+    return (f"EPSL phi=1 vs PSL, final accuracy: PSL - EPSL = {mean_std(gaps)} points over "
+            f"{len(gaps)} seed(s) (per seed: {', '.join(f'{g:+.2f}' for g in gaps)}): "
+            f"{verdict} 0.5 points.")
+
+
+def plot(results: dict[str, dict[int, dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in results.items():
+        accs = [r["acc"] for r in runs.values()]
+        n = min(len(x) for x in accs)
+        rounds = list(range(1, n + 1))
+        mean = [statistics.fmean(x[i] for x in accs) for i in range(n)]
+        ax.plot(rounds, mean, marker="o", ms=3, label=label)
+        ax.fill_between(rounds, [min(x[i] for x in accs) for i in range(n)],
+                        [max(x[i] for x in accs) for i in range(n)], alpha=0.15)
+    ax.set_xlabel("round (one local epoch)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ResNet-18 on Fashion-MNIST 32x32, 5 IID clients (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized smoke run: one seed, 2 rounds, 3 clients, 30 training and "
+                        "30 test samples")
+    p.add_argument("--rounds", type=int, default=30, help="most rounds per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--schemes", nargs="+", default=[s[0] for s in SCHEMES],
+                   help="labels of the schemes to run (default: all seven)")
+    p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--cut", default="layer1.1", help="ResNet-18 unit the client ends with")
+    p.add_argument("--epsl-bp-mode", default=None,
+                   help="EPSL's epsl_bp_mode (default: the scheme's; docs/schemes.md)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--train-limit", type=int, default=6000)
+    p.add_argument("--test-limit", type=int, default=2000)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--min-delta", type=float, default=0.2, help="points")
+    p.add_argument("--target", type=float, default=85.0, help="accuracy (%%) to reach")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    a = p.parse_args()
+    if a.quick:
+        a.rounds, a.seeds, a.clients, a.train_limit, a.test_limit = 2, [0], 3, 30, 30
+        a.batch = 10
+        os.environ[POOL_ENV] = "300,100"  # the node processes inherit it
+        a.patience, a.target = 1, 20.0
+    known = {s[0] for s in SCHEMES}
+    if unknown := set(a.schemes) - known:
+        p.error(f"unknown scheme label(s) {sorted(unknown)}; valid: {sorted(known)}")
+    os.makedirs(a.out, exist_ok=True)
+    name = "fig4-quick" if a.quick else "fig4"
+    results: dict[str, dict[int, dict]] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fig4-") as runs_dir:
+        for label, scheme, options in SCHEMES:
+            if label not in a.schemes:
+                continue
+            if scheme == "epsl" and a.epsl_bp_mode:
+                options = {**options, "epsl_bp_mode": a.epsl_bp_mode}
+            for seed in a.seeds:
+                acc, wall = run_one(scheme, options, seed, a, runs_dir)
+                results.setdefault(label, {})[seed] = {
+                    "acc": acc, "wall_s": wall, "summary": summarize_run(acc, a)}
+                print(f"{label:13s} seed {seed}: "
+                      + " ".join(f"{x:.1f}" for x in acc) + f"  ({wall:.0f} s)", flush=True)
+    total = time.perf_counter() - t0
+    head = [f"# Fig. 4: accuracy against rounds ({'quick' if a.quick else 'full'})", "",
+            f"ResNet-18 (CIFAR stem, cut after {a.cut}) on Fashion-MNIST padded to 32x32, "
+            f"{a.clients} IID clients, {a.train_limit} training / {a.test_limit} test samples, "
+            f"batch {a.batch}, SGD lr {a.lr} momentum {a.momentum}, one local epoch per round, "
+            f"at most {a.rounds} rounds, seeds {a.seeds}, loopback network. Plateau rule: no "
+            f"gain of {a.min_delta} points in {a.patience} rounds. Total wall time "
+            f"{total / 60:.1f} min.", ""]
+    gap = epsl_gap(results)
+    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
+        f.write("\n".join(head + table(results, a) + ([""] + [gap] if gap else [])) + "\n")
+    with open(os.path.join(a.out, f"{name}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scheme", "seed", "round", "test_acc"])
+        for label, runs in results.items():
+            for seed, r in runs.items():
+                w.writerows([label, seed, i + 1, f"{x:.2f}"] for i, x in enumerate(r["acc"]))
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+        json.dump({"args": vars(a), "wall_s": total, "results": results}, f, indent=1)
+    plot(results, os.path.join(a.out, f"{name}.png"))
+    print("\n".join(table(results, a)))
+    if gap:
+        print(gap)
+    print(f"wrote {a.out}/{name}.{{md,csv,json,png}} in {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
