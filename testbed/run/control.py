@@ -118,12 +118,13 @@ class ControlChannel:
         clean_exit_ok (shutdown): a node that exits 0 between the caller's look and this one
         has said BYE too (seen with 50 forked clients), it did not die."""
         exp = self.exp
-        if clean_exit_ok:
-            finished = {*finished, *(n for n, p in exp.procs.items() if p.returncode() == 0)}
         for hook in exp.hooks:  # what failed on another thread (a scenario's timer) is raised here
             hook.check(exp)
         dead = {n: why for n, why in exp.recovery.dead().items()  # exited, or silent too long
                 if n not in finished}
+        if clean_exit_ok:  # looked at after dead(): a node exiting 0 in between is not missed
+            dead = {n: why for n, why in dead.items()
+                    if (p := exp.procs.get(n)) is None or p.returncode() != 0}
         details = []
         for p in exp.procs.values():
             rc = p.returncode()
