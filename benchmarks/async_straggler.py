@@ -19,6 +19,7 @@ import tempfile
 from testbed import Experiment
 from testbed.emu.topology import load_topology
 from testbed.plan.config import RunConfig
+from testbed.run.fidelity import overall
 from testbed.run.records import read_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,8 @@ def main() -> None:
                          "updates_per_client": ups, "staleness_hist": hist,
                          "dropped": sum(s.get("dropped", 0) for s in srv),
                          "train_loss": round(rounds[-1]["train_loss"], 3),
-                         "test_acc": round(rounds[-1]["test_acc"], 3)})
+                         "test_acc": round(rounds[-1]["test_acc"], 3),
+                         "fidelity": overall(r.get("fidelity") for r in rounds)["verdict"]})
             print(rows[-1])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "async_straggler.json"), "w") as f:

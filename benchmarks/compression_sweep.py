@@ -21,6 +21,7 @@ import tempfile
 from testbed import Experiment
 from testbed.emu.topology import load_topology
 from testbed.plan.config import RunConfig
+from testbed.run.fidelity import overall
 from testbed.run.records import read_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,8 @@ def one(label: str, spec: dict, args: argparse.Namespace, out: str) -> dict:
     row = {"setting": label, "compression": spec,
            "act_bytes": sum(n["by_type"]["ACT.tx"] for n in c1),
            "grad_bytes": sum(n["by_type"].get("GRAD.rx", 0) for n in c1),
-           "train_loss": rounds[-1]["train_loss"], "test_acc": rounds[-1]["test_acc"]}
+           "train_loss": rounds[-1]["train_loss"], "test_acc": rounds[-1]["test_acc"],
+           "fidelity": overall(r.get("fidelity") for r in rounds)["verdict"]}
     if not args.loopback:
         row["iface_tx_bytes"] = sum(r["interfaces"]["c1-eth0"]["tx_bytes"] for r in rounds)
     return row

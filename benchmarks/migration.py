@@ -27,6 +27,7 @@ from nodes.models import build_model, cut_points
 from testbed import Experiment
 from testbed.emu.topology import load_topology
 from testbed.plan.config import RunConfig
+from testbed.run.fidelity import overall
 from testbed.scenario import migration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,12 +60,13 @@ def one(model: str, backhaul_mbit: float, launcher: str, out: str, port: int) ->
             "backhaul_bytes": first, "transfer_s": ev["transfer_s"],
             "at_rate_s": ev["bytes"] * 8 / (backhaul_mbit * 1e6),
             "repoint_s": ev["repoint_s"], "start_s": ev["start_s"], "total_s": ev["time_s"],
-            "hash": ev["hash"], "run": str(exp.run_dir.path)}  # migrate() checked both ends
+            "hash": ev["hash"], "run": str(exp.run_dir.path),  # migrate() checked both ends
+            "fidelity": overall(r.get("fidelity") for r in exp.rounds)["verdict"]}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| model (cut) | backhaul | state | STATE msg | on bs1->agg1 | transfer | "
-            "bytes at rate | repoint | node start | whole |")
+            "bytes at rate | repoint | node start | whole | fidelity |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -72,7 +74,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['state_bytes'] / 1e6:.2f} MB | {r['message_bytes'] / 1e6:.2f} MB | "
             f"{r['backhaul_bytes'] / 1e6:.2f} MB | {r['transfer_s']:.3f} s | "
             f"{r['at_rate_s']:.3f} s | {r['repoint_s']:.3f} s | {r['start_s']:.3f} s | "
-            f"{r['total_s']:.3f} s |")
+            f"{r['total_s']:.3f} s | {r['fidelity']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,3 +79,28 @@ def test_a_cpu_hog_degrades_its_round_and_raises_relay_lateness(tmp_path, no_lea
     assert worst(loaded, "max_ms") > 10 * worst(quiet, "max_ms")
     for f in (quiet, loaded):
         assert {"c1", "c2", "srv"} <= set(f["nodes"]) and f["mem_available_mb"] > 0
+
+
+def test_netem_links_report_their_qdisc_counters_each_round(tmp_path, no_leaks):
+    """Where the kernel has netem (a guest built by scripts/vm.sh), every round's record has
+    each shaped link's netem counters for that round: frames sent both ways, and drops where
+    the link loses 10 % of its frames."""
+    from testbed.emu.capabilities import probe
+
+    if not probe().netem:
+        pytest.skip("this kernel has no netem (run it in a guest: docs/vm.md)")
+    topo, _ = load_topology(TINY, params={"bw": 20, "delay": "5ms", "loss": 10})
+    cfg = RunConfig(dataset="digits", rounds=2, iters_per_round=5, evaluate=False,
+                    train_limit=200, out_dir=str(tmp_path), link_backend="netem")
+    Experiment(cfg, topo, topology=TINY).run()
+    rounds = read_rounds(next(tmp_path.iterdir()))
+    for r in rounds:
+        q = r["fidelity"]["qdiscs"]
+        assert set(q) >= {"c1-s1", "c2-s1"}, q
+        for d in ("up", "down"):
+            assert q["c1-s1"][d]["packets"] > 0 and q["c1-s1"][d]["backlog"] >= 0
+    # counted per round, not since the start: no round holds the whole run's frames
+    sent = [r["fidelity"]["qdiscs"]["c1-s1"]["up"]["packets"] for r in rounds]
+    assert all(0 < s < sum(sent) for s in sent)
+    assert sum(r["fidelity"]["qdiscs"]["c1-s1"][d]["drops"] for r in rounds
+               for d in ("up", "down")) > 0

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -160,10 +162,30 @@ def load_trace(path: str) -> list[tuple[float, dict[str, Any]]]:
     return sorted(rows, key=lambda r: r[0])
 
 
+CUMULATIVE = ("packets", "bytes", "drops", "requeues")
+
+
+def netem_counters(pid: int, dev: str) -> dict[str, int]:
+    """The netem qdisc's counters on `dev`, read in the namespace of process `pid` with
+    `tc -s -j` (mnexec -a: a node's shell is not safe to share with a scenario's thread)."""
+    res = subprocess.run(["mnexec", "-a", str(pid), "tc", "-s", "-j", "qdisc", "show", "dev",
+                          dev], capture_output=True, text=True, timeout=10)
+    if res.returncode != 0:
+        raise OSError(f"tc -s qdisc show dev {dev}: {res.stderr.strip()}")
+    for q in json.loads(res.stdout or "[]"):
+        if q.get("kind") == "netem":
+            return {k: int(q.get(k, 0)) for k in (*CUMULATIVE, "backlog", "qlen")}
+    raise OSError(f"no netem qdisc on {dev}")
+
+
 class NetemBackend(LinkBackend):
     """TCLink's HTB + netem, changed in place with `tc ... change`."""
 
     name = "netem"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, str], dict[str, int]] = {}
 
     def prepare(self, topo: Topo) -> Topo:
         for n1, n2, info in topo.links(sort=True, withInfo=True):
@@ -196,6 +218,24 @@ class NetemBackend(LinkBackend):
     def set_status(self, key: tuple[str, str], up: bool) -> None:
         for intf in self._intfs(key):
             intf.ifconfig("up" if up else "down")
+
+    def stats(self, window: bool = False) -> dict[str, dict]:
+        """Every shaped link's netem qdisc counters by link ("a-b") and direction: frames and
+        bytes sent, drops (netem counts its loss model's and its queue limit's together),
+        requeues, and the backlog at this moment. `window`: the counters since the last such
+        call. The kernel keeps no per-frame lateness, so netem has no lateness to report."""
+        out = {}
+        for key in self.params:
+            link = f"{key[0]}-{key[1]}"
+            out[link] = {"params": self.params[key].to_dict()}
+            for d, intf in zip(("up", "down"), self._intfs(key), strict=True):
+                now = netem_counters(intf.node.pid, intf.name)
+                last = self._last.get((link, d), {}) if window else {}
+                out[link][d] = {k: v - last.get(k, 0) if k in CUMULATIVE else v
+                                for k, v in now.items()}
+                if window:
+                    self._last[(link, d)] = now
+        return out
 
 
 class RelayBackend(LinkBackend):

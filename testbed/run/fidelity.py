@@ -13,11 +13,13 @@ judges; it changes nothing in the run. docs/link-emulation.md explains each numb
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from testbed.emu.hostload import HostSampler
+from testbed.plan.config import Fidelity as FidelityConfig
 
 if TYPE_CHECKING:
     from testbed.run.experiment import Experiment
@@ -49,14 +51,17 @@ class Fidelity:
                 out[name] = (t.user + t.system, proc.num_ctx_switches().involuntary)
         return out
 
-    def _relays(self) -> dict[str, Any]:
+    def _links(self, backend: str) -> dict[str, Any]:
         links = getattr(self.exp.network, "links", None)
-        if getattr(links, "name", None) != "relay":
+        if getattr(links, "name", None) != backend:
             return {}
         try:
             return links.stats(window=True)
-        except OSError:  # a relay gone (its link torn down): no window to report
+        except OSError:  # a relay gone (its link torn down), a qdisc replaced: nothing to say
             return {}
+
+    def _relays(self) -> dict[str, Any]:
+        return self._links("relay")
 
     def begin_round(self) -> None:
         if not self.cfg.monitor:
@@ -64,6 +69,7 @@ class Fidelity:
         self._t0 = self.host.snap()[0]
         self._nodes = self._node_cpu()
         self._relays()  # starts every relay's lateness window here
+        self._links("netem")  # and every netem qdisc's counters
 
     def end_round(self) -> dict[str, Any] | None:
         """This round's measurements and verdict, for its record."""
@@ -83,9 +89,12 @@ class Fidelity:
                                    "dropped_loss": st[d]["dropped_loss"],
                                    "delay_ms": st["params"][d]["delay_ms"]}
                                for d in ("up", "down")}}
+        # netem keeps no per-frame lateness: its drops and backlog are reported, not judged
+        qdiscs = {link: {d: st[d] for d in ("up", "down")}
+                  for link, st in self._links("netem").items()}
         verdict, reasons = self.judge(host, relays)
         return {"verdict": verdict, "reasons": reasons, "host": host, "nodes": nodes,
-                "relays": relays,
+                "relays": relays, **({"qdiscs": qdiscs} if qdiscs else {}),
                 "mem_available_mb": psutil.virtual_memory().available / 2**20}
 
     def judge(self, host: dict[str, Any], relays: dict[str, Any]) -> tuple[str, list[str]]:
@@ -113,3 +122,42 @@ class Fidelity:
         if invalid:
             return "invalid", invalid + degraded
         return ("degraded", degraded) if degraded else ("ok", [])
+
+
+VERDICTS = ("ok", "degraded", "invalid")  # from best to worst
+
+
+def overall(records: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Several measurements' verdicts as one: the worst of them, its reasons (each once) and
+    how many of each; a record without a verdict (monitor off) counts as "unknown"."""
+    counts: dict[str, int] = {}
+    reasons: list[str] = []
+    for r in records:
+        v = (r or {}).get("verdict", "unknown")
+        counts[v] = counts.get(v, 0) + 1
+        reasons += [x for x in (r or {}).get("reasons", []) if x not in reasons]
+    judged = [v for v in VERDICTS if v in counts]
+    return {"verdict": judged[-1] if judged else "unknown", "counts": counts,
+            "reasons": reasons}
+
+
+@contextlib.contextmanager
+def watch_host(cfg: FidelityConfig | None = None) -> Iterator[dict[str, Any]]:
+    """For a measurement outside a run (a benchmark's case): the host's idle CPU while the
+    block ran, judged by the run's own rule (min_idle). The dict yielded is filled on exit:
+    verdict, reasons, idle_min, idle_mean, run_queue_max."""
+    cfg = cfg or FidelityConfig()
+    sampler = HostSampler(period_s=0.5)
+    t0 = sampler.snap()[0]
+    sampler.start()
+    out: dict[str, Any] = {}
+    try:
+        yield out
+    finally:
+        sampler.stop()
+        host = sampler.window(t0, sampler.snap()[0])
+        idle = host["idle_min"]
+        low = idle is not None and idle < cfg.min_idle
+        out.update(verdict="degraded" if low else "ok",
+                   reasons=[f"host idle {idle * 100:.0f}% < {cfg.min_idle * 100:.0f}%"]
+                   if low else [], **host)
