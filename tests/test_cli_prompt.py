@@ -20,26 +20,27 @@ QUICK = ["--dataset", "digits", "--rounds", "2", "--set", "train.iters_per_round
 
 
 @pytest.mark.net
-@pytest.mark.parametrize("when", ["start", "end"])
+@pytest.mark.parametrize("when", ["start", "between_rounds", "end"])
 def test_the_mininet_prompt_reaches_the_running_nodes_and_training_goes_on(tmp_path, when,
                                                                          no_leaks):
     child = pexpect.spawn(sys.executable, ["-m", "testbed.cli", "run", TINY, *QUICK,
                                            "--cli", when, "--out", str(tmp_path)],
                           cwd=str(ROOT), encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
-        if when == "end":
-            child.expect(r"round 2/2")
+        before = {"start": 0, "between_rounds": 1, "end": 2}[when]  # rounds done at the prompt
+        if before:
+            child.expect(rf"round {before}/2")
         child.expect("mininet> ")
         rounds = list(tmp_path.glob("*/rounds.jsonl"))
         done = rounds[0].read_text().count("\n") if rounds else 0
-        assert done == (0 if when == "start" else 2)  # nothing trains while the prompt is open
+        assert done == before  # nothing trains while the prompt is open
         child.sendline("pingall")
         child.expect(r"Results: 0% dropped")
         child.sendline("c1 ip -o -4 addr show")          # a command in a host's namespace
         child.expect(r"inet 10\.0\.0\.\d+")
         child.expect("mininet> ")
         child.sendline("exit")
-        if when == "start":
+        if when != "end":
             child.expect(r"round 2/2")
         child.expect(r"results: ")
         child.expect(pexpect.EOF)
