@@ -87,24 +87,91 @@ def summarize_run(acc: list[float], a: argparse.Namespace) -> dict[str, Any]:
     return {"plateau": stop, "final": acc[end - 1], "best": max(acc[:end]), "to_target": hit}
 
 
+def seed_setup(n: int, batch: int, eta: float) -> Any:
+    """The seed's Fig. 4 network and devices as the latency model's Setup (the defaults of
+    docs/latency.md's worked example): n clients at 50..250 m computing at 0.1..0.5 GHz
+    (evenly spaced), an equal share of 70 MHz each way (0.2 W up, 1 W down), the broadcast
+    over the whole band at the worst client's SNR, a 7 GHz edge server."""
+    from testbed.plan.latency import Client, Path, Setup, path_gain, shannon_rate
+
+    step = [i / max(n - 1, 1) for i in range(n)]
+    dist = [50 + 200 * x for x in step]
+    clients = tuple(Client((0.1 + 0.4 * x) * 1e9,
+                           Path(shannon_rate(70e6 / n, 0.2, path_gain(d))),
+                           Path(shannon_rate(70e6 / n, 1.0, path_gain(d))))
+                    for x, d in zip(step, dist, strict=True))
+    bcast = Path(min(shannon_rate(70e6, 1.0, path_gain(d)) for d in dist))
+    return Setup(clients, 7e9, batch=batch, eta=eta, bcast=bcast)
+
+
+def modelled_round_s(scheme: str, options: dict[str, Any], a: argparse.Namespace,
+                     profile: Any) -> float | None:
+    """Seconds one round (one local epoch) takes on the seed's network by the latency model
+    the scheme names (docs/latency.md); None for a scheme without one (FL). Every cost in
+    it is proportional to the batch (the seed's links have no propagation delay), so the
+    last partial batch of an epoch counts as its share of a full one."""
+    from testbed.plan.latency import MODELS, model_of, sfl_aggregation
+
+    try:
+        name, params = model_of(scheme, options)
+    except ValueError:
+        return None
+    setup, cut = seed_setup(a.clients, a.batch, a.eta), profile.cut(a.cut)
+    iters = a.train_limit / a.clients / a.batch
+    if name == "vanilla_sl":  # one round: every client's epoch in turn, hand-offs included
+        return MODELS[name](profile, setup, [cut], **params, batches=iters)["total"]
+    t = iters * MODELS[name](profile, setup, [cut], **params)["total"]
+    if name in ("sflv1", "sflv2"):  # FedAvg once per round (one local epoch)
+        t += sfl_aggregation(profile, setup, cut)
+    return t
+
+
+def seed_topology(a: argparse.Namespace, fed: bool) -> Any:
+    """tiny.py's star with the seed's per-client rates (seed_setup's Shannon rates, each
+    way) on the client links, for --network mininet."""
+    from testbed.emu.topolib import Topo
+
+    topo = Topo()
+    s1 = topo.addSwitch("s1")
+    topo.addLink(topo.addHost("srv", role="server"), s1)
+    if fed:
+        topo.addLink(topo.addHost("fed", role="fedserver"), s1)
+    for i, c in enumerate(seed_setup(a.clients, a.batch, a.eta).clients, start=1):
+        topo.addLink(topo.addHost(f"c{i}", role="client"), s1, delay="0ms",
+                     bw_up=round(c.up.rate_bps / 1e6, 3),
+                     bw_down=round(c.down.rate_bps / 1e6, 3))
+    return topo
+
+
 def run_one(scheme: str, options: dict[str, Any], seed: int, a: argparse.Namespace,
-            out_dir: str) -> tuple[list[float], float]:
-    """Test accuracy (%) per round of one run, and its wall time in seconds."""
+            out_dir: str) -> tuple[list[float], float, list[float]]:
+    """Test accuracy (%) per round of one run, its wall time in seconds and each round's
+    wall time (on Mininet: the emulated network's, with the modelled compute if asked)."""
     from testbed import Experiment
     from testbed.emu.topology import load_topology
     from testbed.plan.config import RunConfig
 
     fed = scheme in ("sflv1", "sflv2")
-    topo, _ = load_topology(TINY, params={"clients": a.clients, "fed": fed})
+    mininet = a.network == "mininet"
+    topo = seed_topology(a, fed) if mininet else \
+        load_topology(TINY, params={"clients": a.clients, "fed": fed})[0]
+    devices = {}
+    if mininet and a.modelled_compute:
+        setup = seed_setup(a.clients, a.batch, a.eta)
+        devices = {"cycles": {"srv": setup.f_server, **{f"c{i}": c.f for i, c in
+                                                        enumerate(setup.clients, start=1)}},
+                   "flops_per_cycle": a.eta}
     cfg = RunConfig.from_dict(dict(
         name=f"fig4-{scheme}", scheme=scheme, dataset=DATASET, model="resnet18",
         cuts=[a.cut], rounds=a.rounds, batch_size=a.batch, lr=a.lr, momentum=a.momentum,
         train_limit=a.train_limit, test_limit=a.test_limit, seed=seed, out_dir=out_dir,
-        scheme_options={**options, "epoch_rounds": True}))
+        scheme_options={**options, "epoch_rounds": True}, **devices))
     t0 = time.perf_counter()
-    exp = Experiment(cfg, topo, topology=TINY, loopback=True, quiet=True)
+    exp = Experiment(cfg, topo, topology=TINY if not mininet else "fig4-seed",
+                     loopback=not mininet, quiet=True)
     exp.run()
-    return [100.0 * r["test_acc"] for r in exp.rounds], time.perf_counter() - t0
+    return ([100.0 * r["test_acc"] for r in exp.rounds], time.perf_counter() - t0,
+            [r["wall_s"] for r in exp.rounds])
 
 
 def mean_std(xs: list[float]) -> str:
@@ -114,9 +181,12 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.fmean(xs):.2f} ± {sd:.2f}"
 
 
-def table(results: dict[str, dict[int, dict]], a: argparse.Namespace) -> list[str]:
+def table(results: dict[str, dict[int, dict]], a: argparse.Namespace,
+          round_s: dict[str, float | None]) -> list[str]:
+    measured = " | measured latency to target (s)" if a.network == "mininet" else ""
     lines = [f"| scheme | final acc. (%) | best acc. (%) | rounds to {a.target:g} % "
-             f"| plateau round | wall time per run (s) |", "|---|---|---|---|---|---|"]
+             f"| plateau round | modelled s per round | modelled latency to target (s)"
+             f"{measured} | wall time per run (s) |", "|---" * (8 + bool(measured)) + "|"]
     for label, runs in results.items():
         s = [r["summary"] for r in runs.values()]
         hits = [x["to_target"] for x in s if x["to_target"] is not None]
@@ -125,9 +195,16 @@ def table(results: dict[str, dict[int, dict]], a: argparse.Namespace) -> list[st
         plateaus = [x["plateau"] for x in s if x["plateau"] is not None]
         plat = (f"{statistics.fmean(plateaus):.1f} ({len(plateaus)}/{len(s)})" if plateaus
                 else f"none in {a.rounds}")
-        lines.append(f"| {label} | {mean_std([x['final'] for x in s])} "
-                     f"| {mean_std([x['best'] for x in s])} | {to_target} | {plat} "
-                     f"| {statistics.fmean(r['wall_s'] for r in runs.values()):.0f} |")
+        per = round_s.get(label)
+        model = (f"{per:.1f}", mean_std([h * per for h in hits]) if hits else "-") \
+            if per is not None else ("- (no model)", "-")
+        cells = [label, mean_std([x["final"] for x in s]), mean_std([x["best"] for x in s]),
+                 to_target, plat, *model]
+        if measured:  # the emulated rounds' own wall times up to the target round
+            cells.append(mean_std([sum(r["round_s"][:r["summary"]["to_target"]])
+                                   for r in runs.values() if r["summary"]["to_target"]]))
+        cells.append(f"{statistics.fmean(r['wall_s'] for r in runs.values()):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -142,26 +219,35 @@ def epsl_gap(results: dict[str, dict[int, dict]]) -> str:
             f"{verdict} 0.5 points.")
 
 
-def plot(results: dict[str, dict[int, dict]], path: str) -> None:
+def plot(results: dict[str, dict[int, dict]], path: str,
+         round_s: dict[str, float | None]) -> None:
+    """Accuracy against rounds (left) and against the modelled latency on the seed's
+    network (right; schemes without a latency model are left out there)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, runs in results.items():
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (label, runs) in enumerate(results.items()):
         accs = [r["acc"] for r in runs.values()]
         n = min(len(x) for x in accs)
         rounds = list(range(1, n + 1))
         mean = [statistics.fmean(x[i] for x in accs) for i in range(n)]
-        ax.plot(rounds, mean, marker="o", ms=3, label=label)
+        ax.plot(rounds, mean, marker="o", ms=3, label=label, color=f"C{i}")
         ax.fill_between(rounds, [min(x[i] for x in accs) for i in range(n)],
-                        [max(x[i] for x in accs) for i in range(n)], alpha=0.15)
+                        [max(x[i] for x in accs) for i in range(n)], alpha=0.15,
+                        color=f"C{i}")
+        if (per := round_s.get(label)) is not None:
+            bx.plot([r * per / 3600 for r in rounds], mean, marker="o", ms=3, label=label,
+                    color=f"C{i}")
     ax.set_xlabel("round (one local epoch)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("ResNet-18 on Fashion-MNIST 32x32, 5 IID clients (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    bx.set_xlabel("modelled latency on the seed's network (h)")
+    for x in (ax, bx):
+        x.set_ylabel("test accuracy (%)")
+        x.grid(alpha=0.3)
+        x.legend(fontsize=8)
+    ax.set_title("ResNet-18 on Fashion-MNIST 32x32 (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -188,8 +274,18 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--min-delta", type=float, default=0.2, help="points")
     p.add_argument("--target", type=float, default=85.0, help="accuracy (%%) to reach")
+    p.add_argument("--network", choices=("loopback", "mininet"), default="loopback",
+                   help="mininet: a star with the seed's per-client rates on the client "
+                        "links (needs root)")
+    p.add_argument("--modelled-compute", action="store_true",
+                   help="with --network mininet: nodes compute at the seed's device speeds "
+                        "(0.1-0.5 GHz clients, 7 GHz server; slow: see docs/schemes.md)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="FLOPs per cycle of the modelled devices (the latency model's eta)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     a = p.parse_args()
+    if a.modelled_compute and a.network != "mininet":
+        p.error("--modelled-compute needs --network mininet")
     if a.quick:
         a.rounds, a.seeds, a.clients, a.train_limit, a.test_limit = 2, [0], 3, 30, 30
         a.batch = 10
@@ -199,7 +295,15 @@ def main() -> None:
     if unknown := set(a.schemes) - known:
         p.error(f"unknown scheme label(s) {sorted(unknown)}; valid: {sorted(known)}")
     os.makedirs(a.out, exist_ok=True)
-    name = "fig4-quick" if a.quick else "fig4"
+    name = ("fig4-quick" if a.quick else "fig4") + ("-mininet" if a.network == "mininet" else "")
+    from testbed.plan.latency import Profile
+
+    profile = Profile.of("resnet18", DATASET)
+    round_s = {label: modelled_round_s(scheme, {**opts, **({"epsl_bp_mode": a.epsl_bp_mode}
+                                                             if scheme == "epsl" and
+                                                             a.epsl_bp_mode else {})},
+                                       a, profile)
+               for label, scheme, opts in SCHEMES if label in a.schemes}
     results: dict[str, dict[int, dict]] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fig4-") as runs_dir:
@@ -209,9 +313,10 @@ def main() -> None:
             if scheme == "epsl" and a.epsl_bp_mode:
                 options = {**options, "epsl_bp_mode": a.epsl_bp_mode}
             for seed in a.seeds:
-                acc, wall = run_one(scheme, options, seed, a, runs_dir)
+                acc, wall, per_round = run_one(scheme, options, seed, a, runs_dir)
                 results.setdefault(label, {})[seed] = {
-                    "acc": acc, "wall_s": wall, "summary": summarize_run(acc, a)}
+                    "acc": acc, "wall_s": wall, "round_s": per_round,
+                    "summary": summarize_run(acc, a)}
                 print(f"{label:13s} seed {seed}: "
                       + " ".join(f"{x:.1f}" for x in acc) + f"  ({wall:.0f} s)", flush=True)
     total = time.perf_counter() - t0
@@ -219,12 +324,16 @@ def main() -> None:
             f"ResNet-18 (CIFAR stem, cut after {a.cut}) on Fashion-MNIST padded to 32x32, "
             f"{a.clients} IID clients, {a.train_limit} training / {a.test_limit} test samples, "
             f"batch {a.batch}, SGD lr {a.lr} momentum {a.momentum}, one local epoch per round, "
-            f"at most {a.rounds} rounds, seeds {a.seeds}, loopback network. Plateau rule: no "
-            f"gain of {a.min_delta} points in {a.patience} rounds. Total wall time "
-            f"{total / 60:.1f} min.", ""]
+            f"at most {a.rounds} rounds, seeds {a.seeds}, {a.network} network"
+            f"{' with the seed devices modelled' if a.modelled_compute else ''}. Plateau "
+            f"rule: no gain of {a.min_delta} points in {a.patience} rounds. Modelled latency: "
+            f"the seed's network and devices (70 MHz, clients 0.1-0.5 GHz, server 7 GHz, "
+            f"eta {a.eta:g}) by each scheme's latency model, times the rounds to the target. "
+            f"Total wall time {total / 60:.1f} min.", ""]
     gap = epsl_gap(results)
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write("\n".join(head + table(results, a) + ([""] + [gap] if gap else [])) + "\n")
+        f.write("\n".join(head + table(results, a, round_s) + ([""] + [gap] if gap else []))
+                + "\n")
     with open(os.path.join(a.out, f"{name}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["scheme", "seed", "round", "test_acc"])
@@ -232,9 +341,10 @@ def main() -> None:
             for seed, r in runs.items():
                 w.writerows([label, seed, i + 1, f"{x:.2f}"] for i, x in enumerate(r["acc"]))
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump({"args": vars(a), "wall_s": total, "results": results}, f, indent=1)
-    plot(results, os.path.join(a.out, f"{name}.png"))
-    print("\n".join(table(results, a)))
+        json.dump({"args": vars(a), "wall_s": total, "modelled_round_s": round_s,
+                   "results": results}, f, indent=1)
+    plot(results, os.path.join(a.out, f"{name}.png"), round_s)
+    print("\n".join(table(results, a, round_s)))
     if gap:
         print(gap)
     print(f"wrote {a.out}/{name}.{{md,csv,json,png}} in {total / 60:.1f} min")
