@@ -31,10 +31,10 @@ from nodes.fault import COMMANDS as RECOVERY
 from nodes.fault import start_heartbeat
 from nodes.migrate import COMMANDS as MIGRATION
 from nodes.models import build_model, split_model, unit_stats
-from nodes.protocol import Interrupted, Plane
+from nodes.protocol import DEFAULT_MAX_MESSAGE_BYTES, Interrupted, Plane, reuse_receive_memory
 from nodes.schemes import get_scheme
 from nodes.selection import take_part
-from nodes.settings import Timeouts, Train
+from nodes.settings import Timeouts, Train, Transport
 
 log = logging.getLogger("sledge.node")
 PR_SET_PDEATHSIG = 1
@@ -108,6 +108,10 @@ def run_node(config: dict[str, Any]) -> int:
     _die_with_parent()
     torch.set_num_threads(int(config.get("threads", 1)))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config['name']} %(message)s")
+    if Transport.model_validate(config.get("transport") or {}).reuse_receive_memory:
+        # Before the zmq.Context: its I/O thread, which allocates every received frame, must
+        # find the malloc settings in place (nodes.protocol.reuse_receive_memory).
+        reuse_receive_memory(int(config.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES))
     zctx = zmq.Context()
     plane = Plane.from_config(zctx, config)
     control = plane.dealer(config["name"], config["control"], "controller")

@@ -132,7 +132,7 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
             "seed": cfg.run.seed, "control": control, "threads": 1,
             # the shared sections, as the nodes read them (nodes.settings)
             "train": cfg.train.model_dump(), "timeouts": cfg.timeouts.model_dump(),
-            "fault": cfg.fault.model_dump()}
+            "fault": cfg.fault.model_dump(), "transport": cfg.transport.model_dump()}
     compute = {"flops_per_cycle": cfg.devices.flops_per_cycle,
                "backward_flops_factor": cfg.devices.backward_flops_factor}
     configs = plan.configs
