@@ -113,6 +113,11 @@ class Devices(Section):
                                          description="beta: backward FLOPs per forward FLOP")
     client_weights: dict[str, ClientWeights] = Field(
         default_factory=dict, description="low-precision or pruned client weights")
+    # Unset, a node runs 1 torch thread: a kernel's summation order depends on the thread
+    # count, so only then are results bit for bit the same on every machine.
+    threads: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="torch threads of a node (unset: 1), e.g. "
+                                          "{server: 2} while clients wait on it")
 
 
 class Efficiency(Section):
@@ -172,7 +177,7 @@ FLAT: dict[str, str] = {
     **{k: f"net.{k}" for k in ("port", "link_backend", "linkcheck", "routes", "route_metric",
                                "roles", "tiers")},
     **{k: f"devices.{k}" for k in ("cpu", "mem_mb", "cycles", "flops_per_cycle",
-                                   "backward_flops_factor", "client_weights")},
+                                   "backward_flops_factor", "client_weights", "threads")},
     "compression": "efficiency.compression", "selection": "efficiency.selection",
     **{k: f"fault.{k}" for k in ("heartbeat_s", "heartbeat_misses", "max_restarts")},
     "step_timeout_s": "timeouts.step_s", "start_timeout_s": "timeouts.start_s",

@@ -147,6 +147,9 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
     if cfg.efficiency.compression:  # every node packs and unpacks what crosses its cuts
         for nc in configs.values():
             nc["compression"] = cfg.efficiency.compression
+    for h, n in per_host(topo, "threads", cfg.devices.threads, roles_of).items():
+        if h in configs:  # more torch threads for this node (base: 1, one core's share)
+            configs[h]["threads"] = n
     own = per_host(topo, "client_weights", cfg.to_dict()["devices"]["client_weights"], roles_of)
     for i, c in enumerate(clients):
         configs[c]["index"] = i
