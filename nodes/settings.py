@@ -3,10 +3,9 @@
 testbed.plan.config composes these into a run's configuration, and the controller copies them
 unchanged into every node's config; a node reads them through these models, so a default is
 written once, here, and the two sides cannot drift apart. Only what a node needs is here
-(training hyper-parameters, time limits, fault-tolerance timing, how the data plane
-receives); the rest of a run's
-configuration is the controller's. pydantic v2 validates: a wrong value raises an error that
-names its field.
+(training hyper-parameters, time limits, fault-tolerance timing, how the data plane receives);
+the rest of a run's configuration is the controller's. pydantic v2 validates: a wrong value
+raises an error that names its field.
 """
 
 from __future__ import annotations
