@@ -7,10 +7,12 @@ commands over a pipe. Rank 0 measures, rank 1 answers:
 - latency: ping-pong, request and reply of equal size (activation forward, gradient back);
   reported as the median round trip and the effective throughput 2*size/RTT.
 - throughput: a one-way stream of back-to-back messages, closed by a one-byte ack.
-Methods: sledge's Endpoint as shipped (DEALER -> ROUTER) with plain TCP (a run's --insecure),
+Methods: sledge's Endpoint as shipped (DEALER -> ROUTER) with a node's default transport
+settings (nodes.settings.Transport: receive memory reused) over plain TCP (a run's --insecure);
 the same with CURVE and the ZAP gatekeeper as every run uses by default (``sledge+curve``; its
-cost is the ratio sledge+curve/sledge), the same with the opt-in ``reuse_receive_memory()``, and
-gloo. They alternate size by size and their order flips every
+cost is the ratio sledge+curve/sledge); the same with the opt-out
+``transport.reuse_receive_memory=false`` (``sledge-reuse``); and gloo. They alternate size by
+size and their order flips every
 repetition, so each ratio compares measurements taken seconds apart under the same background
 load. A ratio is method/gloo of throughput (latency: of 2*size/RTT), so >= 1.00 is parity; the
 tables give the median of the per-repetition ratios. CPU time per message (both processes, all
@@ -61,10 +63,12 @@ def _curve_keys() -> dict[str, dict[str, Any]]:
 
 
 CURVE = "sledge+curve"
+# Each sledge method reads its transport section as a node does (absent: the defaults).
 DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sledge": ("sledge", {}),
     CURVE: ("sledge", {"curve": _curve_keys()}),
-    **({"sledge+reuse": ("sledge", {"reuse": True})} if platform.libc_ver()[0] == "glibc" else {}),
+    **({"sledge-reuse": ("sledge", {"transport": {"reuse_receive_memory": False}})}
+       if platform.libc_ver()[0] == "glibc" else {}),
     REFERENCE: ("gloo", {})}
 
 
@@ -86,16 +90,21 @@ class SledgePeer:
     """A DEALER (rank 0, the client) and a ROUTER (rank 1, the server), as nodes use them."""
 
     def __init__(self, rank: int, conn: Connection, path: str | None = None,
-                 reuse: bool = False, curve: dict[str, Any] | None = None) -> None:
+                 transport: dict[str, Any] | None = None,
+                 curve: dict[str, Any] | None = None) -> None:
         import torch
         import zmq
+
+        from nodes.settings import Transport
         if path:  # a baseline protocol module loaded from a file, e.g. an older git revision
             spec = importlib.util.spec_from_file_location("sledge_protocol_baseline", path)
             proto = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(proto)  # registered first: dataclasses look the module up
         else:
             from nodes import protocol as proto
-        if reuse and not proto.reuse_receive_memory():
+        # As nodes.runtime.run_node does, before the first socket.
+        if (Transport.model_validate(transport or {}).reuse_receive_memory
+                and not proto.reuse_receive_memory()):
             raise RuntimeError("reuse_receive_memory() is not supported here")
         self.torch, self.rank, self.ctx = torch, rank, zmq.Context()
         kind, name = ("dealer", "client") if rank == 0 else ("router", "server")
@@ -408,7 +417,9 @@ def _baseline(rev: str, tmp: str) -> tuple[str, tuple[str, dict[str, Any]]]:
     path = os.path.join(tmp, "protocol_baseline.py")
     with open(path, "w") as f:
         f.write(src)
-    return f"sledge@{rev}", ("sledge", {"path": path})
+    # As of that revision nodes did not reuse receive memory: measure it as it shipped.
+    return f"sledge@{rev}", ("sledge", {"path": path,
+                                         "transport": {"reuse_receive_memory": False}})
 
 
 def main() -> int:

@@ -13,8 +13,9 @@ Patterns, named as in the zguide:
 A message is a multipart ZeroMQ message: frame 0 is a msgpack header, then one raw frame per
 tensor, sent and received zero-copy. Everything from a peer is untrusted and bounded: decode
 validates every header field and frame length and raises ProtocolError; an Endpoint drops such
-messages, counts them and keeps serving. Processes that move messages above ~32 MiB should call
-``reuse_receive_memory()`` once at startup (see docs/transport.md for the measurements).
+messages, counts them and keeps serving. Every node calls ``reuse_receive_memory()`` once at
+startup unless its config's ``transport.reuse_receive_memory`` is false (docs/transport.md has
+the measurements); other processes that receive large messages should too.
 
 Who may talk is decided here too (docs/security.md): with a ``Security`` (the run's CURVE keys),
 a ROUTER serves CURVE and a ``Gatekeeper`` (the ZAP handler of the process's zmq.Context) admits
@@ -299,7 +300,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc <malloc
 
 
 def reuse_receive_memory(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bool:
-    """Opt in, per process: received frames reuse freed heap memory, not fresh pages.
+    """Per process: received frames reuse freed heap memory, not fresh pages (nodes.runtime
+    calls it for every node unless ``transport.reuse_receive_memory`` is false).
 
     libzmq mallocs every received frame in its I/O thread. glibc serves large blocks from fresh
     mmaps (above a threshold that adapts up to 32 MiB) and gives freed memory back to the kernel,

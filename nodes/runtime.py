@@ -31,10 +31,10 @@ from nodes.fault import COMMANDS as RECOVERY
 from nodes.fault import start_heartbeat
 from nodes.migrate import COMMANDS as MIGRATION
 from nodes.models import build_model, split_model, unit_stats
-from nodes.protocol import Interrupted, Plane
+from nodes.protocol import DEFAULT_MAX_MESSAGE_BYTES, Interrupted, Plane, reuse_receive_memory
 from nodes.schemes import get_scheme
 from nodes.selection import take_part
-from nodes.settings import Timeouts, Train
+from nodes.settings import Timeouts, Train, Transport
 
 log = logging.getLogger("sledge.node")
 PR_SET_PDEATHSIG = 1
@@ -102,12 +102,22 @@ def build_context(config: dict[str, Any], plane: Plane) -> NodeContext:
     return ctx
 
 
+def prepare_transport(config: dict[str, Any]) -> bool:
+    """The process-wide transport settings of the config's `transport` section; call before
+    the first zmq.Context, whose I/O thread allocates every received frame and must find the
+    malloc settings in place (nodes.protocol.reuse_receive_memory). True if memory is reused."""
+    if not Transport.model_validate(config.get("transport") or {}).reuse_receive_memory:
+        return False
+    return reuse_receive_memory(int(config.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES))
+
+
 def run_node(config: dict[str, Any]) -> int:
     """Run one node until the controller says stop. Returns the process exit code."""
     check_config(config)
     _die_with_parent()
     torch.set_num_threads(int(config.get("threads", 1)))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config['name']} %(message)s")
+    prepare_transport(config)
     zctx = zmq.Context()
     plane = Plane.from_config(zctx, config)
     control = plane.dealer(config["name"], config["control"], "controller")

@@ -3,9 +3,9 @@
 testbed.plan.config composes these into a run's configuration, and the controller copies them
 unchanged into every node's config; a node reads them through these models, so a default is
 written once, here, and the two sides cannot drift apart. Only what a node needs is here
-(training hyper-parameters, time limits, fault-tolerance timing); the rest of a run's
-configuration is the controller's. pydantic v2 validates: a wrong value raises an error that
-names its field.
+(training hyper-parameters, time limits, fault-tolerance timing, how the data plane receives);
+the rest of a run's configuration is the controller's. pydantic v2 validates: a wrong value
+raises an error that names its field.
 """
 
 from __future__ import annotations
@@ -44,3 +44,11 @@ class Fault(Section):
     heartbeat_s: float = Field(0.5, gt=0, description="heartbeat period")
     heartbeat_misses: int = Field(10, gt=0, description="beats missed before a node is dead")
     max_restarts: int = Field(3, ge=0, description="node restarts a run may use (0: none)")
+
+
+class Transport(Section):
+    """How a node's data plane receives (docs/transport.md)."""
+
+    reuse_receive_memory: bool = Field(
+        True, description="received frames reuse freed heap memory instead of fresh pages "
+                          "(glibc only; the node keeps its peak message memory)")

@@ -106,3 +106,18 @@ def test_fallback_topo_describes_every_topology_as_mininet_does(script, monkeypa
     stand_in, _ = load_topology(path)
     assert isinstance(stand_in, topolib.FallbackTopo)
     assert describe(stand_in) == describe(real)
+
+
+def test_a_zygote_closed_while_it_warms_up_ends_and_leaves_nothing():
+    """The zygote starts before the network is built; a run that fails before its first node
+    starts closes it mid warm-up: the process ends and its folder goes (the leak check too)."""
+    from testbed.run.launcher import ZygoteLauncher
+
+    z = ZygoteLauncher()
+    assert z.client is None and z.proc.poll() is None  # started, not waited for
+    z.close()
+    assert z.proc.poll() is not None and not os.path.exists(z.dir)
+    z = ZygoteLauncher()  # one that warmed up: one connection, made on first use
+    assert z.ready() is z.ready()
+    z.close()
+    assert z.proc.poll() is not None and not os.path.exists(z.dir)

@@ -410,6 +410,36 @@ ctx.term()
 """
 
 
+# A node as the zygote launcher makes it: forked from a warmed-up process, then its config's
+# transport settings (nodes.runtime.prepare_transport) before its first zmq.Context.
+FORKED_NODE_FAULTS = """
+import json, os, sys
+from testbed.run.zygote import warm_up
+warm_up()
+r, w = os.pipe()
+if os.fork() == 0:
+    from nodes.runtime import prepare_transport
+    prepare_transport(json.loads(sys.argv[1]))
+    sys.argv[1] = "node"
+    os.dup2(w, 1)
+    exec(FAULTS)
+    sys.stdout.flush()
+    os._exit(0)
+os.close(w)
+print(os.read(r, 100).decode().strip())
+os.wait()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_zygote_forked_node_reuses_receive_memory_by_default_and_not_when_opted_out() -> None:
+    code = f"FAULTS = {FAULTS_PER_PAGE!r}\n{FORKED_NODE_FAULTS}"
+    by_default = float(_python(code, "{}").split()[-1])
+    opted_out = float(_python(code, json.dumps({"transport": {"reuse_receive_memory": False}}))
+                      .split()[-1])
+    assert by_default < 0.05 and opted_out > 0.5
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_receive_memory_stops_fresh_pages_for_every_large_message() -> None:
     default, reused = (float(_python(FAULTS_PER_PAGE, mode)) for mode in ("default", "reuse"))

@@ -42,10 +42,10 @@ class Comparison:
     failed: list[str] = field(default_factory=list)
 
 
-# compare's own defaults where they differ from `sledge run`'s: short runs of a small data set
-# on warm forked nodes, every sample used.
-DEFAULTS = {"run.rounds": 5, "data.dataset": "digits", "run.launcher": "zygote",
-            "data.train_limit": None, "data.test_limit": None}
+# compare's own defaults where they differ from `sledge run`'s: short runs of a small data set,
+# every sample used.
+DEFAULTS = {"run.rounds": 5, "data.dataset": "digits", "data.train_limit": None,
+            "data.test_limit": None}
 
 
 def compare(a: argparse.Namespace) -> Comparison:

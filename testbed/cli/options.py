@@ -110,7 +110,8 @@ def add_run_options(p: argparse.ArgumentParser, *, default_experiment: str | Non
                    metavar="KEY=VALUE", help="any field of the experiment, dotted or flat, e.g. "
                    "--set train.lr=0.1 --set devices.cycles.client=3e8 --set "
                    "security.insecure=true (sections: run, scheme, train, data, model, net, "
-                   "devices, efficiency, fault, timeouts, security; docs/experiments.md)")
+                   "devices, efficiency, fault, timeouts, security, fidelity, transport; "
+                   "docs/experiments.md)")
     for flag, (field, kind) in LEGACY.items():
         if kind in ("true", "false"):
             p.add_argument(flag, dest=f"legacy:{field}", action="store_const",

@@ -1,13 +1,14 @@
 """A run's configuration as data: nested typed sections, validated, errors naming the dotted field.
 
 `RunConfig` holds everything a run needs besides its topology: run, scheme, train, data,
-model, net, devices, efficiency, fault, timeouts and security. The sections a node reads as
-they are (train, timeouts, fault) are nodes.settings' models, shared with the node configs,
-so no default is written twice. A config comes from an experiment file (YAML, nested), from
-command-line flags, or from Python; flat keys are accepted as shorthand for the field they
-name (`rounds=2` is `run.rounds`, `scheme="epsl"` is `scheme.name`: `FLAT`). `to_dict()` is the
-nested form, which `from_dict` reads back unchanged. Checks that need the topology, the model or
-the data set are testbed.run.preflight's; this module only knows the values.
+model, net, devices, efficiency, fault, timeouts, security, fidelity and transport. The
+sections a node reads as they are (train, timeouts, fault, transport) are nodes.settings'
+models, shared with the node configs, so no default is written twice. A config comes from an
+experiment file (YAML, nested), from command-line flags, or from Python; flat keys are accepted
+as shorthand for the field they name (`rounds=2` is `run.rounds`, `scheme="epsl"` is
+`scheme.name`: `FLAT`). `to_dict()` is the nested form, which `from_dict` reads back unchanged.
+Checks that need the topology, the model or the data set are testbed.run.preflight's; this
+module only knows the values.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from nodes.imports import absolute, is_reference
-from nodes.settings import Fault, Section, Timeouts, Train
+from nodes.settings import Fault, Section, Timeouts, Train, Transport
 from testbed.errors import ConfigError
 
 Positive = Annotated[float, Field(gt=0)]
@@ -31,7 +32,7 @@ class Run(Section):
     out_dir: str = Field("runs", description="where run folders go")
     evaluate: bool = Field(True, description="test accuracy after every round")
     launcher: Literal["popen", "zygote"] = Field(
-        "popen", description="popen: an interpreter per node; zygote: forked from a warm one")
+        "zygote", description="zygote: forked from a warm process; popen: an interpreter per node")
     scenario: str | None = Field(None, min_length=1, description="a scenario timeline (YAML)")
 
 
@@ -112,6 +113,11 @@ class Devices(Section):
                                          description="beta: backward FLOPs per forward FLOP")
     client_weights: dict[str, ClientWeights] = Field(
         default_factory=dict, description="low-precision or pruned client weights")
+    # Unset, a node runs 1 torch thread: a kernel's summation order depends on the thread
+    # count, so only then are results bit for bit the same on every machine.
+    threads: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="torch threads of a node (unset: 1), e.g. "
+                                          "{server: 2} while clients wait on it")
 
 
 class Efficiency(Section):
@@ -157,7 +163,7 @@ class Fidelity(Section):
 
 
 SECTIONS = ("run", "scheme", "train", "data", "model", "net", "devices", "efficiency", "fault",
-            "timeouts", "security", "fidelity")
+            "timeouts", "security", "fidelity", "transport")
 
 # Flat shorthand -> the dotted field it names (the command line's and the old flat names).
 FLAT: dict[str, str] = {
@@ -171,12 +177,13 @@ FLAT: dict[str, str] = {
     **{k: f"net.{k}" for k in ("port", "link_backend", "linkcheck", "routes", "route_metric",
                                "roles", "tiers")},
     **{k: f"devices.{k}" for k in ("cpu", "mem_mb", "cycles", "flops_per_cycle",
-                                   "backward_flops_factor", "client_weights")},
+                                   "backward_flops_factor", "client_weights", "threads")},
     "compression": "efficiency.compression", "selection": "efficiency.selection",
     **{k: f"fault.{k}" for k in ("heartbeat_s", "heartbeat_misses", "max_restarts")},
     "step_timeout_s": "timeouts.step_s", "start_timeout_s": "timeouts.start_s",
     "round_timeout_s": "timeouts.round_s",
     **{k: f"security.{k}" for k in ("insecure", "max_message_bytes", "max_connections")},
+    "reuse_receive_memory": "transport.reuse_receive_memory",
 }
 
 
@@ -228,6 +235,7 @@ class RunConfig(BaseModel):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     security: Security = Field(default_factory=Security)
     fidelity: Fidelity = Field(default_factory=Fidelity)
+    transport: Transport = Field(default_factory=Transport)
 
     def __init__(self, **data: Any) -> None:
         try:

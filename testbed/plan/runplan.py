@@ -132,7 +132,7 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
             "seed": cfg.run.seed, "control": control, "threads": 1,
             # the shared sections, as the nodes read them (nodes.settings)
             "train": cfg.train.model_dump(), "timeouts": cfg.timeouts.model_dump(),
-            "fault": cfg.fault.model_dump()}
+            "fault": cfg.fault.model_dump(), "transport": cfg.transport.model_dump()}
     compute = {"flops_per_cycle": cfg.devices.flops_per_cycle,
                "backward_flops_factor": cfg.devices.backward_flops_factor}
     configs = plan.configs
@@ -147,6 +147,9 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
     if cfg.efficiency.compression:  # every node packs and unpacks what crosses its cuts
         for nc in configs.values():
             nc["compression"] = cfg.efficiency.compression
+    for h, n in per_host(topo, "threads", cfg.devices.threads, roles_of).items():
+        if h in configs:  # more torch threads for this node (base: 1, one core's share)
+            configs[h]["threads"] = n
     own = per_host(topo, "client_weights", cfg.to_dict()["devices"]["client_weights"], roles_of)
     for i, c in enumerate(clients):
         configs[c]["index"] = i

@@ -271,6 +271,11 @@ class Experiment:
             # Room for the summary from the start: a run failing on a full disk still says so.
             self.run_dir.reserve("summary.json", {"status": "running"})
             self._ctl_dir = owned_tmpdir("ctl")
+            # First: a zygote imports torch and warms up (~2 s) while the network and the plan
+            # are built; the first node it starts waits for it.
+            self.launcher = make_launcher(cfg.run.launcher, preimport=tuple(
+                r for r in (cfg.model.name, cfg.data.dataset, cfg.scheme.name)
+                if is_reference(r)))
             if self.loopback:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1 "
                               f"(ports from {cfg.net.port})")
@@ -311,9 +316,6 @@ class Experiment:
                               self.node_configs[next(iter(self.node_configs))]["control"], hosts)
             if self.on_start:
                 self.on_start(self)
-            self.launcher = make_launcher(cfg.run.launcher, preimport=tuple(
-                r for r in (cfg.model.name, cfg.data.dataset, cfg.scheme.name)
-                if is_reference(r)))
             first = self._resume_start() if self.resume else 1
             for name, nc in self.node_configs.items():
                 rel = os.path.join("nodes", f"{name}.json")

@@ -1,12 +1,13 @@
 """Node processes: start one per Mininet host, watch them, and make sure they end.
 
 Two launchers, one interface (start, close) and one handle type per started node:
-- `PopenLauncher`: a fresh interpreter per node via `host.popen` (mnexec: the host's
-  namespaces; mnexec -d makes the node lead its own process group). A shell first joins all
-  the host's cgroups (mnexec -g joins cpu, cpuacct and cpuset, not memory), then execs mnexec,
-  so every byte the interpreter allocates is charged to the host.
-- `ZygoteLauncher`: testbed.run.zygote, a warm process that forks each node into its host's
-  namespace and cgroups: ~10x less memory per node and no per-node torch import.
+- `PopenLauncher` (`--launcher popen`): a fresh interpreter per node via `host.popen` (mnexec:
+  the host's namespaces; mnexec -d makes the node lead its own process group). A shell first
+  joins all the host's cgroups (mnexec -g joins cpu, cpuacct and cpuset, not memory), then
+  execs mnexec, so every byte the interpreter allocates is charged to the host.
+- `ZygoteLauncher` (the default): testbed.run.zygote, a warm process that forks each node into
+  its host's namespace and cgroups: ~10x less memory per node and no per-node torch import. It
+  is started first and warms up while the controller builds the network and the plan.
 Teardown signals only the process groups this launcher started - never anything by name.
 """
 
@@ -20,9 +21,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.emu.owned import owned_tmpdir
+
+if TYPE_CHECKING:
+    from testbed.run.zygote import ZygoteClient
 
 CGROUP_JOIN_FAILED = 125  # exit code of a node that could not join its host's cgroups
 
@@ -159,33 +163,38 @@ class ZygoteLauncher(Launcher):
     name = "zygote"
 
     def __init__(self, start_timeout_s: float = 120.0, preimport: tuple[str, ...] = ()) -> None:
+        """Start the zygote and return at once: it warms up (imports torch, ~2 s) while the
+        controller builds the network and the plan; the first `start` waits for it."""
         self.dir = owned_tmpdir("zygote")
         self.path = os.path.join(self.dir, "zygote.sock")
+        self.start_timeout_s = start_timeout_s
         env = node_env()
         env["SLEDGE_PREIMPORT"] = "\n".join(preimport)  # the user's code, warm in the zygote
         self.log_path = os.path.join(self.dir, "zygote.log")
+        self._t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "testbed.run.zygote", "--socket",
                                           self.path], stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env,
                                          start_new_session=True)
-        deadline = time.monotonic() + start_timeout_s
-        while not os.path.exists(self.path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"zygote did not start: {self._log()}")
-            time.sleep(0.05)
+        self.client: ZygoteClient | None = None
+
+    def ready(self) -> ZygoteClient:
+        """The connection to the zygote, waiting (once) until it has warmed up and listens."""
+        if self.client is not None:
+            return self.client
         from testbed.run.zygote import ZygoteClient
 
+        deadline = self._t0 + self.start_timeout_s
         while True:  # the socket file exists from bind(); connecting waits for listen()
             try:
                 self.client = ZygoteClient(self.path)
-                break
-            except ConnectionRefusedError:
+                return self.client
+            except (FileNotFoundError, ConnectionRefusedError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.close()
-                    raise RuntimeError(f"zygote did not listen: {self._log()}") from None
-                time.sleep(0.05)
+                    raise RuntimeError(f"zygote did not start: {self._log()}") from None
+                time.sleep(0.02)
 
     def _log(self) -> str:
         try:
@@ -196,18 +205,21 @@ class ZygoteLauncher(Launcher):
 
     def start(self, host: Any, config_path: str, log_path: str) -> NodeProcess:
         # A loopback host has no namespace (no pid): the child stays in the zygote's.
-        r = self.client.call(cmd="spawn", config=config_path, netns_pid=getattr(host, "pid", None),
-                             log=log_path, cgroups=host_cgroups(host))
+        r = self.ready().call(cmd="spawn", config=config_path,
+                              netns_pid=getattr(host, "pid", None), log=log_path,
+                              cgroups=host_cgroups(host))
         return ForkedNode(host.name, int(r["pid"]), log_path, self)
 
     def status(self, pid: int) -> int | None:
-        return self.client.call(cmd="status", pid=pid)["returncode"]
+        return self.ready().call(cmd="status", pid=pid)["returncode"]
 
     def close(self) -> None:
-        if hasattr(self, "client"):
+        if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.call(cmd="exit")
             self.client.close()
+        elif self.proc.poll() is None:  # never connected (still warming up): it exits on TERM
+            self.proc.terminate()
         if self.proc.poll() is None:
             try:
                 self.proc.wait(10)

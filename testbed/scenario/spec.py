@@ -2,10 +2,11 @@
 
 An experiment file (YAML) holds the topology (a script, the topology's name in it and its build
 parameters), whether to run on loopback, the run configuration's sections (run, scheme, train,
-data, model, net, devices, efficiency, fault, timeouts, security: testbed.plan.config) and,
-optionally, a scenario timeline inline (or `run.scenario`, a file). Relative paths are read
-from the file's folder. Every run folder gets the experiment.yaml that reproduces it:
-`sledge run runs/<run>/experiment.yaml` runs the same experiment again (docs/experiments.md).
+data, model, net, devices, efficiency, fault, timeouts, security, fidelity, transport:
+testbed.plan.config) and, optionally, a scenario timeline inline (or `run.scenario`, a file).
+Relative paths are read from the file's folder. Every run folder gets the experiment.yaml that
+reproduces it: `sledge run runs/<run>/experiment.yaml` runs the same experiment again
+(docs/experiments.md).
 Overrides (`--set`, command-line flags) are dotted or flat keys applied over the file.
 """
 
