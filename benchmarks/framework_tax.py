@@ -32,6 +32,7 @@ from nodes.models import build_model, split_model
 from testbed import Experiment
 from testbed.emu.topology import load_topology
 from testbed.plan.config import RunConfig
+from testbed.run.fidelity import background, overall
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,14 +100,17 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "framework_tax.json"))
     a = ap.parse_args()
+    quiet_before = background()  # the rounds fill the cores: was anything else loading them?
     t0, load0 = time.time(), os.getloadavg()[0]
     times: dict[str, list[float]] = {}
+    verdicts: list[dict] = []
     compute: dict[str, list[dict[str, float]]] = {}
     for rep in range(a.reps):  # variants interleaved: each ratio compares neighbours in time
         with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
             for name, changes in VARIANTS.items():
                 rec = networked(a.iters, tmp, a.loopback, **changes)
                 times.setdefault(name, []).append(rec["wall_s"])
+                verdicts.append(rec.get("fidelity"))
                 compute.setdefault(name, []).append(
                     {n: v["compute_s"] for n, v in rec["nodes"].items()})
         times.setdefault("local, 2 threads", []).append(local(a.iters, 2))
@@ -121,7 +125,8 @@ def main() -> int:
            "network": "loopback" if a.loopback else "mininet, unshaped links",
            "round_s": times, "median_s": med, "ratio_vs_local_2threads": ratios,
            "node_compute_s": compute, "loadavg_start": load0,
-           "loadavg_end": os.getloadavg()[0], "elapsed_s": time.time() - t0}
+           "loadavg_end": os.getloadavg()[0], "elapsed_s": time.time() - t0,
+           "fidelity": {"background_before": quiet_before, "rounds": overall(verdicts)}}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=2)

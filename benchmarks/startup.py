@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from testbed.run.fidelity import background
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = ["run", "topologies/tiny.py", "--loopback", "--dataset", "digits"]
 
@@ -63,6 +65,7 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REV", help="also run the tree of this git revision")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "startup.json"))
     a = ap.parse_args()
+    quiet_before = background()  # was anything else loading the host?
     load0, t0 = os.getloadavg()[0], time.time()
     with tempfile.TemporaryDirectory(prefix="sledge-startup-") as tmp:
         out_dir = os.path.join(tmp, "runs")
@@ -85,7 +88,8 @@ def main() -> int:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     res = {"command": "sledge " + " ".join(COMMAND), "reps": a.reps, "runs": runs,
            "median": med, "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
-           "cpus": os.cpu_count(), "elapsed_s": time.time() - t0}
+           "cpus": os.cpu_count(), "elapsed_s": time.time() - t0,
+           "fidelity": {"background_before": quiet_before, "background_after": background()}}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

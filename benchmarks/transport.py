@@ -322,7 +322,10 @@ def measure(sizes: tuple[int, ...] = SIZES, *, quick: bool = False, reps: int | 
     methods = methods or DEFAULT_METHODS
     if REFERENCE not in methods:
         raise ValueError(f"methods must include {REFERENCE!r}, the reference for ratios")
+    from testbed.run.fidelity import background
+
     reps = reps or PLANS[quick]["reps"]
+    quiet_before = background()  # the streams fill the cores: was anything else loading them?
     t0, load0 = time.time(), os.getloadavg()
     pairs: dict[str, Pair] = {}
     raw: dict[tuple[str, int, str], list[tuple[Any, float]]] = {}
@@ -364,7 +367,8 @@ def measure(sizes: tuple[int, ...] = SIZES, *, quick: bool = False, reps: int | 
     return {"benchmark": "transport", "unit_mbps": "1e6 bytes/s", "reference": REFERENCE,
             "config": {"address": "tcp://127.0.0.1", "torch_threads": 1, "reps": reps,
                        "quick": quick, "sizes": list(sizes), "methods": list(methods)},
-            "host": _host(load0), "elapsed_s": time.time() - t0, "rows": rows}
+            "host": _host(load0), "elapsed_s": time.time() - t0, "rows": rows,
+            "fidelity": {"background_before": quiet_before, "background_after": background()}}
 
 
 def _host(load0: tuple[float, float, float]) -> dict[str, Any]:

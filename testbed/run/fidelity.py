@@ -161,3 +161,14 @@ def watch_host(cfg: FidelityConfig | None = None) -> Iterator[dict[str, Any]]:
         out.update(verdict="degraded" if low else "ok",
                    reasons=[f"host idle {idle * 100:.0f}% < {cfg.min_idle * 100:.0f}%"]
                    if low else [], **host)
+
+
+def background(seconds: float = 2.0, cfg: FidelityConfig | None = None) -> dict[str, Any]:
+    """The host's idle CPU over `seconds` of doing nothing, judged like a round: for a
+    benchmark whose own work fills the cores (a transport stream, a compute round), whether
+    something else was loading the host when it started."""
+    import time
+
+    with watch_host(cfg) as out:
+        time.sleep(seconds)
+    return out
