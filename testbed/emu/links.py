@@ -30,6 +30,9 @@ from testbed.emu.owned import owned_tmpdir
 from testbed.emu.relay import LinkSpec, RelayControl, relay_command, shared_relay_command
 from testbed.emu.topolib import Topo
 
+# How many relay processes share the shaped links when the caller does not say (0: one per
+# link, the layout before the shared relay; unset: one per CPU).
+RELAY_PROCESSES_ENV = "SLEDGE_RELAY_PROCESSES"
 SHAPING_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size")
 
 
@@ -253,6 +256,8 @@ class RelayBackend(LinkBackend):
         at most one per link; 0: one per link, each inside its relay node, as before the
         shared relay)."""
         super().__init__()
+        if processes is None and os.environ.get(RELAY_PROCESSES_ENV):
+            processes = int(os.environ[RELAY_PROCESSES_ENV])  # benchmarks compare layouts
         self.processes = processes
         self.relays: dict[tuple[str, str], str] = {}
         self.procs: dict[str, Any] = {}  # relay node -> the process serving its link
