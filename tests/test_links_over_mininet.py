@@ -168,10 +168,11 @@ def test_one_relay_process_serves_many_links_and_keeps_them_apart(tiny):
     # the same process when links are dealt round robin over two processes is c3's).
     assert far["lost"] == 0 and abs(far["rtt_ms"] - 40.0) <= 1.5, far
     assert near["lost"] == 0 and abs(near["rtt_ms"] - 4.0) <= 1.0, near
-    # Frames never cross links: c3's link carried none of the 100 pings (ARP aside).
+    # Frames never cross links: the other links carried none of the 100 pings (a few frames
+    # of the hosts' own, e.g. ARP, at most).
     sent = {k: after[k]["up"]["packets"] - before[k]["up"]["packets"] for k in after}
     assert sent["c1-s1"] >= 50 and sent["c2-s1"] >= 50, sent
-    assert all(sent[f"c{i}-s1"] <= 2 for i in (3, 4, 5, 6)), sent
+    assert all(sent[f"c{i}-s1"] <= 10 for i in (3, 4, 5, 6)), sent
     assert after["c1-s1"]["params"]["up"]["delay_ms"] == 20
     assert after["c3-s1"]["params"]["up"]["delay_ms"] == 2
 
