@@ -7,6 +7,14 @@ goodput) run between c1 and srv. Writes JSON and prints a table of measured/conf
 Targets: goodput/configured >= 0.97, |RTT - configured| <= max(3 %, 0.3 ms).
 
     sudo .venv/bin/python benchmarks/link_fidelity.py [--out benchmarks/results/link_fidelity.json]
+
+--near-zero: the relay's own cost. The same ping over an unshaped link (no relay) and over
+links of 10 Gbit/s (serialisation of a ping frame ~0.1 us, so only the relay node is added)
+with one-way delay 0, 0.5, 1 and 2 ms, side by side in one run. Per-pass latency = (RTT through
+the relay at 0 ms - RTT without it) / 2 (a round trip passes the relay twice); RTT error at each
+delay against the target max(3 %, 0.3 ms).
+
+    sudo .venv/bin/python benchmarks/link_fidelity.py --near-zero
 """
 
 from __future__ import annotations
@@ -48,13 +56,59 @@ def measure(bw: float, delay: float, pings: int, iperf_s: float) -> dict:
             "goodput_ok": g / bw >= 0.97}
 
 
+NEAR_ZERO_DELAYS = (0, 0.5, 1, 2)
+NEAR_ZERO_BW = 10_000  # Mbit/s: shaped (so a relay is in the path) but no serialisation to speak of
+
+
+def idle_rtt(params: dict, pings: int) -> float:
+    topo, _ = load_topology(os.path.join(ROOT, "topologies", "tiny.py"),
+                            params={"clients": 1, **params})
+    net = build_network(topo, probe())
+    try:
+        c1, srv = net.net.get("c1"), net.net.get("srv")
+        ping(c1, srv.IP(), 3)
+        return ping(c1, srv.IP(), pings, interval=0.02)["rtt_ms"]
+    finally:
+        net.stop()
+
+
+def near_zero(pings: int, out: str) -> int:
+    base = idle_rtt({"bw": None, "delay": "0ms"}, pings)
+    rows = []
+    for d in NEAR_ZERO_DELAYS:
+        rtt = idle_rtt({"bw": NEAR_ZERO_BW, "delay": f"{d}ms"}, pings)
+        cfg = 2 * d
+        # Error against the configured RTT plus what the same path costs without a relay.
+        err = rtt - base - cfg
+        rows.append({"delay_ms": d, "rtt_cfg_ms": cfg, "rtt_ms": rtt, "rtt_no_relay_ms": base,
+                     "rtt_err_ms": err, "rtt_ok": abs(err) <= max(0.03 * cfg, 0.3)})
+        print(json.dumps(rows[-1]), flush=True)
+    per_pass = (rows[0]["rtt_ms"] - base) / 2
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"per_pass_ms": per_pass, "rtt_no_relay_ms": base, "rows": rows}, f, indent=2)
+    print(f"\nRTT without relay {base:.3f} ms; relay per-pass latency {per_pass:.3f} ms\n")
+    print("| one-way delay ms | RTT cfg ms | RTT meas - no-relay RTT ms | error ms | ok |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['delay_ms']} | {r['rtt_cfg_ms']:.1f} | {r['rtt_ms'] - base:.3f} | "
+              f"{r['rtt_err_ms']:+.3f} | {'yes' if r['rtt_ok'] else 'no'} |")
+    print(f"\nwritten: {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "link_fidelity.json"))
     ap.add_argument("--pings", type=int, default=100)
     ap.add_argument("--iperf-s", type=float, default=4.0)
+    ap.add_argument("--near-zero", action="store_true",
+                    help="measure the relay's per-pass latency and RTT error at 0-2 ms")
     a = ap.parse_args()
+    if a.near_zero:
+        return near_zero(a.pings, os.path.join(ROOT, "benchmarks", "results",
+                                               "link_fidelity_near_zero.json"))
     caps = probe()
     rows = []
     t0 = time.time()

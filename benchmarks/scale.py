@@ -7,6 +7,14 @@ same run with one interpreter per node (popen), so the launcher's saving is a ra
 in one run. Target: 200 clients, <= 25 MB PSS per idle client node.
 
     sudo .venv/bin/python benchmarks/scale.py [--sizes 10,50,100,200] [--out FILE]
+
+With --shaped every client link is 20 Mbit/s, 10 ms (on a kernel without netem: a relay node per
+link, served by the shared relay, one process per CPU). Memory per client is then all-in: the
+client node's PSS plus its share of the link emulation (relay processes and relay nodes'
+shells). Side by side at the first size, the same run with one relay process per link
+(SLEDGE_RELAY_PROCESSES=0, the layout before the shared relay).
+
+    sudo .venv/bin/python benchmarks/scale.py --shaped [--sizes 50,200,500,1000]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import time
 import psutil
 
 from testbed import Experiment
+from testbed.emu.links import RELAY_PROCESSES_ENV
 from testbed.emu.topology import load_topology
 from testbed.plan.config import RunConfig
 
@@ -40,14 +49,30 @@ def pss_mb(pids: list[int], kind: str = "pss") -> list[float]:
     return out
 
 
-def run(n: int, launcher: str, out_dir: str) -> dict:
-    topo, _ = load_topology(os.path.join(ROOT, "topologies", "tiny.py"),
-                            params={"clients": n, "bw": None, "delay": "0ms"})
+def relay_pids(exp: Experiment) -> tuple[list[int], list[int]]:
+    """(relay processes, relay nodes' shells) of a relay-backed network; empty on netem."""
+    links = exp.network.links
+    if links.name != "relay":
+        return [], []
+    procs = sorted({p.pid for p in links.procs.values()})
+    return procs, [exp.network.net.get(x).pid for x in links.relays.values()]
+
+
+def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
+        relay_processes: str | None = None) -> dict:
+    params = {"clients": n, "bw": 20, "delay": "10ms"} if shaped else \
+        {"clients": n, "bw": None, "delay": "0ms"}
+    topo, _ = load_topology(os.path.join(ROOT, "topologies", "tiny.py"), params=params)
+    if relay_processes is None:
+        os.environ.pop(RELAY_PROCESSES_ENV, None)
+    else:
+        os.environ[RELAY_PROCESSES_ENV] = relay_processes
     cfg = RunConfig(name=f"scale{n}-{launcher}", dataset="digits", model="smallcnn",
                     cuts=["conv2"], rounds=1, iters_per_round=3, batch_size=8, train_limit=None,
                     evaluate=False, launcher=launcher, out_dir=out_dir, step_timeout_s=300,
                     start_timeout_s=600)
-    res: dict = {"clients": n, "launcher": launcher}
+    res: dict = {"clients": n, "launcher": launcher, "shaped": shaped,
+                 "relay_layout": "per-link" if relay_processes == "0" else "shared"}
     t0 = time.perf_counter()
 
     def clients(exp: Experiment) -> list[int]:
@@ -61,13 +86,34 @@ def run(n: int, launcher: str, out_dir: str) -> dict:
         res["idle_uss_mb_median"] = statistics.median(pss_mb(clients(exp), "uss"))
         if launcher == "zygote":
             res["zygote_pss_mb"] = pss_mb([exp.launcher.proc.pid])[0]
+        relays, shells = relay_pids(exp)
+        res["relay_processes"] = len(relays)
+        res["relay_pss_mb_total"] = sum(pss_mb(relays))
+        res["relay_node_shell_pss_mb_total"] = sum(pss_mb(shells))
+        res["link_emulation_mb_per_client"] = \
+            (res["relay_pss_mb_total"] + res["relay_node_shell_pss_mb_total"]) / n
+        res["all_in_idle_mb_per_client"] = (res["idle_pss_mb_total"]
+                                            + res.get("zygote_pss_mb", 0)) / n \
+            + res["link_emulation_mb_per_client"]
+        res["_relay_cpu0"] = sum(psutil.Process(p).cpu_times().user
+                                 + psutil.Process(p).cpu_times().system for p in relays)
 
     def after(exp: Experiment, rnd: int) -> None:
         trained = pss_mb(clients(exp))
         res["trained_pss_mb_median"] = statistics.median(trained)
         res["trained_pss_mb_total"] = sum(trained)
+        relays, _ = relay_pids(exp)
+        if relays:
+            cpu = sum(psutil.Process(p).cpu_times().user + psutil.Process(p).cpu_times().system
+                      for p in relays)
+            st = exp.network.links.stats()
+            gbit = sum(s[d]["bytes"] for s in st.values() for d in ("up", "down")) * 8 / 1e9
+            res["relay_cpu_s"] = cpu - res.pop("_relay_cpu0")
+            res["relay_gbit_forwarded"] = gbit
+            res["relay_cpu_s_per_gbit"] = res["relay_cpu_s"] / gbit if gbit else None
 
     summary = Experiment(cfg, topo, topology="tiny", on_ready=ready, on_round=after).run()
+    res.pop("_relay_cpu0", None)
     res["round_s"] = summary["mean_round_s"]
     res["total_s"] = time.perf_counter() - t0
     return res
@@ -75,19 +121,27 @@ def run(n: int, launcher: str, out_dir: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="10,50,100,200")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scale.json"))
+    ap.add_argument("--sizes", default=None, help="client counts (default 10,50,100,200; "
+                                                  "with --shaped 50,200,500,1000)")
+    ap.add_argument("--shaped", action="store_true", help="every client link 20 Mbit/s, 10 ms")
+    ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    sizes = [int(s) for s in (a.sizes or ("50,200,500,1000" if a.shaped
+                                          else "10,50,100,200")).split(",")]
+    out = a.out or os.path.join(ROOT, "benchmarks", "results",
+                                "scale_shaped.json" if a.shaped else "scale.json")
+    if a.shaped:
+        return shaped_main(sizes, out)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
         rows.append(run(10, "popen", tmp))
-        for n in (int(s) for s in a.sizes.split(",")):
+        for n in sizes:
             rows.append(run(n, "zygote", tmp))
             print(json.dumps(rows[-1]), flush=True)
     popen10 = rows[0]
     zyg10 = next((r for r in rows[1:] if r["clients"] == 10), None)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump({"rows": rows}, f, indent=2)
     print("\n| clients | launcher | start-up s | round s | idle PSS/client MB | "
           "idle USS/client MB | trained PSS/client MB | all clients idle MB | zygote MB |")
@@ -102,7 +156,41 @@ def main() -> int:
               f"{zyg10['idle_pss_mb_median'] / popen10['idle_pss_mb_median']:.3f}")
         print(f"start-up time, zygote / popen at 10 clients: "
               f"{zyg10['startup_s'] / popen10['startup_s']:.3f}")
-    print(f"written: {a.out}")
+    print(f"written: {out}")
+    return 0
+
+
+def shaped_main(sizes: list[int], out: str) -> int:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
+        # Side by side at the first size: one relay process per link, as before.
+        rows.append(run(sizes[0], "zygote", tmp, shaped=True, relay_processes="0"))
+        print(json.dumps(rows[-1]), flush=True)
+        for n in sizes:
+            try:
+                rows.append(run(n, "zygote", tmp, shaped=True))
+            except Exception as e:  # record how far it got, and why it stopped
+                rows.append({"clients": n, "shaped": True, "relay_layout": "shared",
+                             "error": repr(e)[:500]})
+                print(json.dumps(rows[-1]), flush=True)
+                break
+            print(json.dumps(rows[-1]), flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"rows": rows}, f, indent=2)
+    print("\n| clients | relay layout | relay procs | start-up s | round s | client PSS MB | "
+          "link emulation MB/client | all-in MB/client | relay CPU s/Gbit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['clients']} | {r['relay_layout']} | failed: {r['error'][:80]} |")
+            continue
+        cpg = r.get("relay_cpu_s_per_gbit")
+        print(f"| {r['clients']} | {r['relay_layout']} | {r['relay_processes']} | "
+              f"{r['startup_s']:.1f} | {r['round_s']:.2f} | {r['idle_pss_mb_median']:.1f} | "
+              f"{r['link_emulation_mb_per_client']:.2f} | {r['all_in_idle_mb_per_client']:.1f} | "
+              f"{cpg if cpg is None else round(cpg, 1)} |")
+    print(f"written: {out}")
     return 0
 
 

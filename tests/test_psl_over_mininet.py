@@ -258,6 +258,42 @@ def test_zygote_launched_nodes_join_their_hosts_and_train_identically(tmp_path, 
     assert [r["train_loss"] for r in rounds] == [r["train_loss"] for r in popen_rounds]
 
 
+def test_200_clients_on_shaped_links_through_the_shared_relay(tmp_path, no_leaks):
+    from testbed.emu.linkcheck import iperf, ping
+
+    n = 200
+    probed: dict = {}
+
+    def probe_links(exp, rnd):  # while the network is up: every link's delay, some rates
+        net = exp.network
+        srv = net.net.get("srv")
+        probed["rtt"] = {f"c{i}": ping(net.net.get(f"c{i}"), srv.IP(), 3, 0.02)
+                         for i in range(1, n + 1)}
+        probed["mbit"] = {c: iperf(net.net.get(c), srv, 2, port=5300 + i)
+                          for i, c in enumerate(("c1", "c100", "c200"))}
+        probed["stats"] = net.links.stats() if net.links.name == "relay" else None
+        probed["procs"] = len({p.pid for p in getattr(net.links, "procs", {}).values()})
+
+    _, _, rounds = tiny_run(tmp_path, {"clients": n, "bw": 20, "delay": "10ms"}, rounds=1,
+                            iters_per_round=2, batch_size=8, launcher="zygote",
+                            step_timeout_s=300, start_timeout_s=600, on_round=probe_links)
+    (r,) = rounds
+    clients = [c for c in r["nodes"] if c.startswith("c")]
+    assert len(clients) == n and all(r["nodes"][c]["tx_msgs"] == 2 for c in clients)
+    # Each client's path crosses its own shaped link (10 ms each way) and the unshaped
+    # server link: RTT 20 ms plus serialisation; the median of 3 pings, so a busy core
+    # delaying one probe does not decide.
+    bad = {c: p for c, p in probed["rtt"].items()
+           if p["lost"] == 3 or not 19.5 <= p["rtt_ms"] <= 24.0}
+    assert not bad, bad
+    assert all(15.0 <= m <= 21.0 for m in probed["mbit"].values()), probed["mbit"]
+    if probed["stats"] is not None:  # relay backend: a few processes serve all 200 links
+        assert probed["procs"] <= (os.cpu_count() or 1)
+        assert len(probed["stats"]) == n
+        assert all(s["up"]["packets"] > 0 and s["down"]["packets"] > 0
+                   and s["params"]["up"]["bw_mbit"] == 20 for s in probed["stats"].values())
+
+
 def test_fifty_forked_clients_train_one_psl_round_and_leave_nothing(tmp_path, no_leaks):
     _, summary, rounds = tiny_run(tmp_path, {"clients": 50, "delay": "0ms"}, rounds=1,
                                   iters_per_round=2, batch_size=8, launcher="zygote",

@@ -5,8 +5,10 @@ Topologies declare links in Mininet's vocabulary; testbed.emu.linkmodel turns th
 - `NetemBackend` where the kernel has netem: TCLink's HTB + netem, changed in place with
   `tc ... change` (never deleted and rebuilt, so tc state and traffic in flight survive).
 - `RelayBackend` where it has not: a relay node in the middle of each shaped link
-  (h1 - x1 - s1) runs testbed.emu.relay, which applies the whole model in user space and takes
-  changes over its control socket.
+  (h1 - x1 - s1); testbed.emu.relay applies the whole model in user space and takes changes over
+  each link's control socket. One relay process per CPU serves all links (it enters each relay
+  node's namespace to open that link's sockets); `RelayBackend(processes=0)` gives the old
+  one-process-per-link layout.
 Both offer the same run-time calls: set_link, link_down / link_up, and replay of a trace.
 """
 
@@ -25,9 +27,12 @@ from typing import Any
 
 from testbed.emu.linkmodel import Direction, LinkParams
 from testbed.emu.owned import owned_tmpdir
-from testbed.emu.relay import RelayControl, relay_command
+from testbed.emu.relay import LinkSpec, RelayControl, relay_command, shared_relay_command
 from testbed.emu.topolib import Topo
 
+# How many relay processes share the shaped links when the caller does not say (0: one per
+# link, the layout before the shared relay; unset: one per CPU).
+RELAY_PROCESSES_ENV = "SLEDGE_RELAY_PROCESSES"
 SHAPING_KEYS = ("bw", "delay", "jitter", "loss", "max_queue_size")
 
 
@@ -239,15 +244,24 @@ class NetemBackend(LinkBackend):
 
 
 class RelayBackend(LinkBackend):
-    """A relay node in the middle of every shaped link (h1 - x1 - s1), run at real-time priority."""
+    """A relay node in the middle of every shaped link (h1 - x1 - s1). By default one relay
+    process per CPU serves all of them (testbed.emu.relay.Relay, one event loop, entering each
+    node's namespace for its sockets); every process runs at real-time priority."""
 
     name = "relay"
     RT_PRIORITY = 10
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int | None = None) -> None:
+        """`processes`: how many relay processes share the shaped links (None: one per CPU,
+        at most one per link; 0: one per link, each inside its relay node, as before the
+        shared relay)."""
         super().__init__()
+        if processes is None and os.environ.get(RELAY_PROCESSES_ENV):
+            processes = int(os.environ[RELAY_PROCESSES_ENV])  # benchmarks compare layouts
+        self.processes = processes
         self.relays: dict[tuple[str, str], str] = {}
-        self.procs: dict[str, Any] = {}
+        self.procs: dict[str, Any] = {}  # relay node -> the process serving its link
+        self.logs: dict[Any, str] = {}
         self.dir: str | None = None
 
     def prepare(self, topo: Topo) -> Topo:
@@ -276,25 +290,50 @@ class RelayBackend(LinkBackend):
 
     def start(self, net: Any) -> None:
         self.dir = owned_tmpdir("links")
-        for key, x in self.relays.items():
-            host = net.get(x)
-            a, b = (f"{x}-eth0", f"{x}-eth1")
-            sock = os.path.join(self.dir, f"{x}.sock")
-            cmd = relay_command(a, b, sock, self.params[key], rt_priority=self.RT_PRIORITY)
-            log = open(os.path.join(self.dir, f"{x}.log"), "wb")  # noqa: SIM115
-            self.procs[x] = host.popen(cmd, stdout=log, stderr=log)
+        items = list(self.relays.items())
+        n = len(items)
+        groups = n if self.processes == 0 else min(n, self.processes or os.cpu_count() or 1)
+        # Round robin, so links declared together (e.g. all clients of one switch) spread
+        # over the processes, and so over the cores.
+        for g in range(groups):
+            mine = items[g::groups]
+            if self.processes == 0:  # one process per link, in the relay node (as before)
+                (key, x), = mine
+                host = net.get(x)
+                cmd = relay_command(f"{x}-eth0", f"{x}-eth1", self._sock(x), self.params[key],
+                                    rt_priority=self.RT_PRIORITY)
+                popen = host.popen
+            else:
+                # One process for many links: it runs in the root namespace and enters each
+                # relay node's namespace to open that link's two sockets.
+                specs = [LinkSpec(f"{x}-eth0", f"{x}-eth1", self._sock(x), self.params[key],
+                                  netns=f"/proc/{net.get(x).pid}/ns/net").to_dict()
+                         for key, x in mine]
+                spec_file = os.path.join(self.dir, f"relay{g}.json")
+                with open(spec_file, "w") as f:
+                    json.dump(specs, f)
+                cmd = shared_relay_command(spec_file, rt_priority=self.RT_PRIORITY)
+                popen = subprocess.Popen
+            name = mine[0][1] if self.processes == 0 else f"relay{g}"
+            log = open(os.path.join(self.dir, f"{name}.log"), "wb")  # noqa: SIM115
+            proc = popen(cmd, stdout=log, stderr=log)
             log.close()
-        deadline = time.monotonic() + 30
+            self.logs[proc] = os.path.join(self.dir, f"{name}.log")
+            for _, x in mine:
+                self.procs[x] = proc
+        deadline = time.monotonic() + 30 + n * 0.05  # a shared relay opens its links in turn
         for x, p in self.procs.items():
-            sock = os.path.join(self.dir, f"{x}.sock")
-            while not os.path.exists(sock):
+            while not os.path.exists(self._sock(x)):
                 if p.poll() is not None or time.monotonic() > deadline:
-                    with open(os.path.join(self.dir, f"{x}.log"), errors="replace") as f:
+                    with open(self.logs[p], errors="replace") as f:
                         raise RuntimeError(f"relay {x} did not start: {f.read()[-2000:]}")
                 time.sleep(0.02)
 
+    def _sock(self, x: str) -> str:
+        return os.path.join(self.dir, f"{x}.sock")
+
     def control(self, key: tuple[str, str]) -> RelayControl:
-        return RelayControl(os.path.join(self.dir, f"{self.relays[key]}.sock"))
+        return RelayControl(self._sock(self.relays[key]))
 
     def apply(self, key: tuple[str, str], params: LinkParams) -> None:
         with self.control(key) as c:
@@ -315,10 +354,11 @@ class RelayBackend(LinkBackend):
         return out
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        procs = list(dict.fromkeys(self.procs.values()))  # a shared relay serves many links
+        for p in procs:
             if p.poll() is None:
                 p.terminate()
-        for p in self.procs.values():
+        for p in procs:
             try:
                 p.wait(5)
             except Exception:

@@ -1,19 +1,26 @@
-"""User-space link emulator: one process per link relays Ethernet frames between two interfaces.
+"""User-space link emulator: a relay process moves Ethernet frames between the two interfaces
+of each link it serves (one link, or many on one event loop).
 
 This kernel has no netem, so a link that needs delay, jitter or loss gets a relay node in its
 middle (h1 - r1 - s1); docs/link-emulation.md has the measurements behind this design.
 Division of labour: testbed.emu.linkmodel says what a link is; `Pipe` makes one direction
-behave like
-it (rate, drop-tail queue, propagation delay, order-keeping jitter, Bernoulli loss, counters);
-`Relay` moves frames between the two AF_PACKET sockets and the pipes and answers the control
-socket; `RelayControl` is the client the testbed uses from any namespace (the control socket is a
-filesystem object, so it crosses network namespaces).
+behave like it (rate, drop-tail queue, propagation delay, order-keeping jitter, Bernoulli loss,
+counters);
+`Link` is one link's two AF_PACKET sockets, two pipes and control socket; `Relay` runs any
+number of links on one event loop (epoll, a timer heap), entering each link's network namespace
+to open its sockets (`LinkSpec.netns`), so one process can serve relay nodes in many
+namespaces; `RelayControl` is the client the testbed uses from any namespace (the control
+socket is a filesystem object, so it crosses network namespaces).
 
 Run inside the relay's namespace (the interfaces need no IP address; disable IPv6 there):
     python -m testbed.emu.relay --a r1-eth0 --b r1-eth1 --control /run/r1.sock --params JSON
 Frames a -> b go through `up`, b -> a through `down`. The control socket takes one JSON object
 per message (SOCK_SEQPACKET) and replies with one: {"cmd": "set", "up": {...}, "down": {...}}
 (fields given replace the current ones), {"cmd": "down"}, {"cmd": "up"}, {"cmd": "stats"}.
+Many links in one process (each keeps its own control socket, so clients do not change):
+    python -m testbed.emu.relay --links links.json   # [{"a", "b", "control", "params", "netns"}]
+What it does not do: share anything between links but the process (no common queue or rate),
+or use more than one core (run one process per core for that: testbed.emu.links).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import ctypes
+import heapq
 import json
 import math
 import os
@@ -32,6 +41,8 @@ import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from testbed.emu.linkmodel import Direction, LinkParams
@@ -153,6 +164,8 @@ class Pipe:
         self.link_up = True
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.late = Lateness()
+        self.out: socket.socket | None = None  # the port frames leave by (set by Link)
+        self.scheduled = False  # the head's departure is in the relay's timer heap
         self.configure(d)
 
     def configure(self, d: Direction) -> None:
@@ -230,79 +243,89 @@ def open_port(iface: str) -> socket.socket:
     return s
 
 
-class Relay:
-    def __init__(self, a: str, b: str, control: str, params: LinkParams,
-                 seed: int | None = None) -> None:
-        rng = random.Random(seed)
-        self.a, self.b = open_port(a), open_port(b)
-        self.names = {self.a: a, self.b: b}
-        self.pipes = {"up": Pipe(params.up, rng), "down": Pipe(params.down, rng)}
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def in_netns(path: str | None) -> Iterator[None]:
+    """Run the body in the network namespace at `path` (e.g. /proc/PID/ns/net), then come back.
+    A socket keeps the namespace it was made in, so one process can serve links whose relay
+    nodes are different namespaces. setns(2) changes the calling thread only: the relay has one."""
+    if path is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(there, CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"setns {path}: {os.strerror(e)}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:  # never carry on in the wrong namespace
+                os._exit(70)
+    finally:
+        os.close(there)
+        os.close(home)
+
+
+@dataclass
+class LinkSpec:
+    """One link a relay process serves: its two interfaces (in namespace `netns`, a path to a
+    namespace file; None = the relay's own), its control socket and its initial model."""
+
+    a: str
+    b: str
+    control: str
+    params: LinkParams
+    netns: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "control": self.control,
+                "params": self.params.to_dict(), "netns": self.netns}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinkSpec:
+        return cls(a=d["a"], b=d["b"], control=d["control"],
+                   params=LinkParams.from_dict(d.get("params") or {}), netns=d.get("netns"))
+
+
+class Link:
+    """One link's state inside a relay process: two ports, two pipes, its control socket and
+    clients. Links share nothing but the process and its event loop: a frame read on a link's
+    port goes into that link's pipe and leaves on that link's other port, never another's."""
+
+    def __init__(self, spec: LinkSpec, rng: random.Random) -> None:
+        self.spec = spec
+        with in_netns(spec.netns):
+            self.a = open_port(spec.a)
+            try:
+                self.b = open_port(spec.b)
+            except OSError:
+                self.a.close()
+                raise
+        self.names = {self.a: spec.a, self.b: spec.b}
+        self.pipes = {"up": Pipe(spec.params.up, rng), "down": Pipe(spec.params.down, rng)}
+        self.pipes["up"].out, self.pipes["down"].out = self.b, self.a
         # up: frames read on a leave on b; down: read on b, leave on a.
-        self.routes = {self.a: (self.pipes["up"], self.b), self.b: (self.pipes["down"], self.a)}
-        self.buf = bytearray(MAX_FRAME)
-        self.control_path = control
-        if os.path.exists(control):  # left behind by a relay that was killed
-            os.unlink(control)
+        self.routes = {self.a: self.pipes["up"], self.b: self.pipes["down"]}
+        if os.path.exists(spec.control):  # left behind by a relay that was killed
+            os.unlink(spec.control)
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ctl.bind(control)  # bound last: the path appearing means the relay is ready
+        self.ctl.bind(spec.control)
         self.ctl.listen(8)
         self.clients: list[socket.socket] = []
 
-    def run(self) -> None:
-        buf, mv = self.buf, memoryview(self.buf)
-        ports = [self.a, self.b]
-        while True:
-            heads = [p.inflight[0][0] for p in self.pipes.values() if p.inflight]
-            timeout = max(0.0, min(heads) - time.monotonic()) if heads else None
-            readable, _, _ = select.select([*ports, self.ctl, *self.clients], [], [], timeout)
-            for s in readable:
-                if s in self.routes:
-                    pipe, _ = self.routes[s]
-                    for _ in range(BATCH):
-                        try:
-                            n = s.recv_into(buf, MAX_FRAME, socket.MSG_DONTWAIT)
-                        except BlockingIOError:
-                            break
-                        except OSError:  # ENETDOWN, once, when an interface goes down
-                            self._check_port(s)
-                            break
-                        pipe.admit(time.monotonic(), bytes(mv[:n]))
-                elif s is self.ctl:
-                    conn, _ = s.accept()
-                    conn.setblocking(False)
-                    self.clients.append(conn)
-                else:
-                    self._serve(s)
-            now = time.monotonic()
-            for pipe, out in self.routes.values():
-                pipe.flush(now, out)
-
-    def _check_port(self, s: socket.socket) -> None:
-        """Down is a state a link can be in; gone means the network was torn down: leave."""
-        name = self.names[s]
+    def gone(self, s: socket.socket) -> bool:
+        """Down is a state a link can be in; gone means the network was torn down."""
         try:
-            socket.if_nametoindex(name)
+            with in_netns(self.spec.netns):
+                socket.if_nametoindex(self.names[s])
         except OSError:
-            print(f"relay: interface {name} is gone, exiting", file=sys.stderr)
-            raise SystemExit(0) from None
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            msg = conn.recv(1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            msg = b""
-        if not msg:  # the client closed its end
-            self.clients.remove(conn)
-            conn.close()
-            return
-        try:
-            reply = self.command(json.loads(msg))
-        except (ValueError, TypeError) as e:
-            reply = {"ok": False, "error": str(e)}
-        with contextlib.suppress(OSError):  # the client went away; it will see no reply
-            conn.send(json.dumps(reply).encode())
+            return True
+        return False
 
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:
         cmd = msg.get("cmd") if isinstance(msg, dict) else None
@@ -319,6 +342,7 @@ class Relay:
                 p.set_link(cmd == "up")
             return {"ok": True, "link": cmd}
         if cmd == "stats":
+            # pid and cpu_s are the process's: shared by every link it serves (`links`).
             out = {"ok": True, "pid": os.getpid(), "time": time.monotonic(),
                    "link": "up" if self.pipes["up"].link_up else "down",
                    "params": self.params().to_dict(), "cpu_s": time.process_time(),
@@ -337,8 +361,130 @@ class Relay:
     def close(self) -> None:
         for s in [self.a, self.b, self.ctl, *self.clients]:
             s.close()
-        if os.path.exists(self.control_path):
-            os.unlink(self.control_path)
+        self.clients.clear()
+        if os.path.exists(self.spec.control):
+            os.unlink(self.spec.control)
+
+
+PORT, CTL, CLIENT = 0, 1, 2
+
+
+class Relay:
+    """Any number of links on one event loop: epoll over every port and control socket, and a
+    heap of the pipes' next departures (so a wake-up costs O(log links), not O(links))."""
+
+    def __init__(self, specs: list[LinkSpec], seed: int | None = None) -> None:
+        rng = random.Random(seed)
+        self.ep = select.epoll()
+        self.handlers: dict[int, tuple[int, Link, Any]] = {}
+        self.links: list[Link] = []
+        self.timers: list[tuple[float, int, Pipe]] = []  # (departure of the head, tie, pipe)
+        self.buf = bytearray(MAX_FRAME)
+        try:
+            for spec in specs:
+                link = Link(spec, rng)
+                self.links.append(link)
+                for port in (link.a, link.b):
+                    self._watch(port, PORT, link, (port, link.routes[port]))
+                self._watch(link.ctl, CTL, link, None)
+        except BaseException:
+            self.close()
+            raise
+
+    def _watch(self, s: socket.socket, kind: int, link: Link, obj: Any) -> None:
+        self.handlers[s.fileno()] = (kind, link, obj)
+        self.ep.register(s.fileno(), select.EPOLLIN)
+
+    def _unwatch(self, s: socket.socket) -> None:
+        with contextlib.suppress(KeyError, OSError, ValueError):
+            self.handlers.pop(s.fileno())
+            self.ep.unregister(s.fileno())
+
+    def run(self) -> None:
+        mv = memoryview(self.buf)
+        buf, timers, handlers, epfd = self.buf, self.timers, self.handlers, self.ep.fileno()
+        tie = 0
+        while self.links:
+            # select() on the epoll fd: microsecond timeouts (epoll_wait rounds up to whole ms,
+            # which would make every frame up to 1 ms late). It never holds more than this one fd.
+            timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else None
+            ready, _, _ = select.select([epfd], [], [], timeout)
+            events = self.ep.poll(0) if ready else ()
+            for fd, _ in events:
+                h = handlers.get(fd)
+                if h is None:  # closed earlier in this batch
+                    continue
+                kind, link, obj = h
+                if kind == PORT:
+                    s, pipe = obj
+                    for _ in range(BATCH):
+                        try:
+                            n = s.recv_into(buf, MAX_FRAME, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            break
+                        except OSError:  # ENETDOWN, once, when an interface goes down
+                            if link.gone(s):
+                                self._drop(link, s)
+                            break
+                        pipe.admit(time.monotonic(), bytes(mv[:n]))
+                    if pipe.inflight and not pipe.scheduled:
+                        pipe.scheduled = True
+                        tie += 1
+                        heapq.heappush(timers, (pipe.inflight[0][0], tie, pipe))
+                elif kind == CTL:
+                    conn, _ = link.ctl.accept()
+                    conn.setblocking(False)
+                    link.clients.append(conn)
+                    self._watch(conn, CLIENT, link, conn)
+                else:
+                    self._serve(link, obj)
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                _, _, pipe = heapq.heappop(timers)
+                pipe.scheduled = False
+                pipe.flush(now, pipe.out)
+                if pipe.inflight:
+                    pipe.scheduled = True
+                    tie += 1
+                    heapq.heappush(timers, (pipe.inflight[0][0], tie, pipe))
+
+    def _drop(self, link: Link, s: socket.socket) -> None:
+        """The link's interface is gone (its network was torn down): stop serving that link;
+        the process leaves with its last link."""
+        print(f"relay: interface {link.names[s]} is gone, exiting"
+              if len(self.links) == 1 else
+              f"relay: interface {link.names[s]} is gone, dropping its link", file=sys.stderr)
+        for sock in [link.a, link.b, link.ctl, *link.clients]:
+            self._unwatch(sock)
+        for p in link.pipes.values():  # pending timers find an empty pipe and do nothing
+            p.inflight.clear()
+        link.close()
+        self.links.remove(link)
+
+    def _serve(self, link: Link, conn: socket.socket) -> None:
+        try:
+            msg = conn.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg = b""
+        if not msg:  # the client closed its end
+            self._unwatch(conn)
+            link.clients.remove(conn)
+            conn.close()
+            return
+        try:
+            reply = link.command(json.loads(msg))
+        except (ValueError, TypeError) as e:
+            reply = {"ok": False, "error": str(e)}
+        with contextlib.suppress(OSError):  # the client went away; it will see no reply
+            conn.send(json.dumps(reply).encode())
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self.links.clear()
+        self.ep.close()
 
 
 class RelayControl:
@@ -397,26 +543,48 @@ class RelayControl:
 
 def relay_command(a: str, b: str, control: str, params: LinkParams, *,
                   rt_priority: int | None = None, python: str = sys.executable) -> list[str]:
-    """argv that starts a relay (run it inside the namespace holding both interfaces)."""
+    """argv that starts a relay for one link (run it inside the namespace holding both
+    interfaces)."""
     cmd = [python, "-m", "testbed.emu.relay", "--a", a, "--b", b, "--control", control,
            "--params", json.dumps(params.to_dict())]
+    return cmd + (["--rt-priority", str(rt_priority)] if rt_priority else [])
+
+
+def shared_relay_command(spec_file: str, *, rt_priority: int | None = None,
+                         python: str = sys.executable) -> list[str]:
+    """argv that starts one relay for every link in `spec_file` (a JSON list of
+    LinkSpec.to_dict()); it enters each link's namespace to open its ports, so it can run in
+    any namespace."""
+    cmd = [python, "-m", "testbed.emu.relay", "--links", spec_file]
     return cmd + (["--rt-priority", str(rt_priority)] if rt_priority else [])
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m testbed.emu.relay",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--a", required=True, help="interface on node1's side (a -> b is 'up')")
-    ap.add_argument("--b", required=True, help="interface on node2's side")
-    ap.add_argument("--control", required=True, help="path of the control socket to create")
+    ap.add_argument("--a", help="interface on node1's side (a -> b is 'up')")
+    ap.add_argument("--b", help="interface on node2's side")
+    ap.add_argument("--control", help="path of the control socket to create")
     ap.add_argument("--params", default="{}", help='LinkParams as JSON: {"up": {...}, "down": ...}')
+    ap.add_argument("--links", help="JSON file: a list of links to serve, each "
+                                    '{"a", "b", "control", "params", "netns"} (instead of --a/--b)')
     ap.add_argument("--rt-priority", type=int, help="run SCHED_FIFO at this priority")
     ap.add_argument("--seed", type=int, help="seed loss and jitter for a reproducible run")
     args = ap.parse_args(argv)
-    try:
-        params = LinkParams.from_dict(json.loads(args.params))
-    except ValueError as e:  # JSONDecodeError is one
-        ap.error(f"--params: {e}")
+    if args.links:
+        try:
+            with open(args.links) as f:
+                specs = [LinkSpec.from_dict(d) for d in json.load(f)]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--links: {e!r}")
+    else:
+        if not (args.a and args.b and args.control):
+            ap.error("give --a, --b and --control, or --links")
+        try:
+            params = LinkParams.from_dict(json.loads(args.params))
+        except ValueError as e:  # JSONDecodeError is one
+            ap.error(f"--params: {e}")
+        specs = [LinkSpec(args.a, args.b, args.control, params)]
     if args.rt_priority:  # keeps delay accurate when other work saturates the cores
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
 
@@ -424,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    relay = Relay(args.a, args.b, args.control, params, args.seed)
+    relay = Relay(specs, args.seed)
     try:
         relay.run()
     except KeyboardInterrupt:
