@@ -115,6 +115,7 @@ def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
     summary = Experiment(cfg, topo, topology="tiny", on_ready=ready, on_round=after).run()
     res.pop("_relay_cpu0", None)
     res["round_s"] = summary["mean_round_s"]
+    res["fidelity"] = summary.get("fidelity")  # rounds by verdict (docs/link-emulation.md)
     res["total_s"] = time.perf_counter() - t0
     return res
 
