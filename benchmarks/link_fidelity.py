@@ -34,6 +34,9 @@ from testbed.run.fidelity import watch_host
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BWS = (1, 10, 50, 100)
+# Goodput / configured rate to reach: TCP payload per wire byte of a full frame is 1448/1514 =
+# 0.956, the ceiling of any backend that charges the rate in wire bytes (as HTB and netem do).
+GOODPUT_TARGET = 0.95
 DELAYS = (0, 5, 20, 50)
 
 
@@ -54,7 +57,7 @@ def measure(bw: float, delay: float, pings: int, iperf_s: float) -> dict:
     return {"bw_mbit": bw, "delay_ms": delay, "rtt_cfg_ms": rtt_cfg, "rtt_ms": p["rtt_ms"],
             "rtt_err_ms": p["rtt_ms"] - rtt_cfg, "goodput_mbit": g, "goodput_ratio": g / bw,
             "rtt_ok": abs(p["rtt_ms"] - rtt_cfg) <= max(0.03 * rtt_cfg, 0.3),
-            "goodput_ok": g / bw >= 0.97}
+            "goodput_ok": g / bw >= GOODPUT_TARGET}
 
 
 NEAR_ZERO_DELAYS = (0, 0.5, 1, 2)
@@ -129,14 +132,15 @@ def main() -> int:
         json.dump({"backend": caps.link_backend, "capabilities": caps.to_dict(),
                    "seconds": time.time() - t0, "rows": rows}, f, indent=2)
     print(f"\nbackend: {caps.link_backend}\n")
-    print("| bw Mbit/s | delay ms | RTT cfg | RTT meas | RTT err ms | goodput | ratio | ok |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| bw Mbit/s | delay ms | RTT cfg | RTT meas | RTT err ms | goodput | ratio | "
+          "targets missed | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ok = "yes" if r["rtt_ok"] and r["goodput_ok"] else \
-            ("RTT" if not r["rtt_ok"] else "") + (" goodput" if not r["goodput_ok"] else "")
+        missed = ", ".join(k for k, ok in (("RTT", r["rtt_ok"]), ("goodput", r["goodput_ok"]))
+                           if not ok) or "none"
         print(f"| {r['bw_mbit']} | {r['delay_ms']} | {r['rtt_cfg_ms']:.1f} | {r['rtt_ms']:.2f} "
               f"| {r['rtt_err_ms']:+.2f} | {r['goodput_mbit']:.2f} | {r['goodput_ratio']:.3f} "
-              f"| {ok} |")
+              f"| {missed} | {r['fidelity']} |")
     print(f"\nwritten: {a.out}")
     return 0
 
