@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# scripts/vm.sh — a Debian 12 QEMU guest with the stock Debian kernel (netem, Open vSwitch).
+#
+# What it does:
+#   build        build (or reuse) a cached guest image from Debian packages only: debootstrap
+#                minbase bookworm from the host's configured Debian mirror, ext4 -> qcow2. The
+#                cache key is a hash of the package list and this script; a changed input builds
+#                a new image. Needs root (debootstrap, chroot).
+#   run -- CMD   boot one guest on a throw-away overlay of the image (2 vCPU, 2 GiB), run CMD as
+#                root in the project directory inside the guest, stream its output here, exit
+#                with CMD's exit code, power the guest off and delete the overlay.
+#                The project directory (with its .venv; same Debian Python as the guest) is shared
+#                read-only over 9p at the same absolute path, so the venv works unchanged.
+#
+# What it does not: no guest network at all (no tap, bridge, NAT or forwarding), no package
+# install on the host (it names what is missing), no multi-guest runs yet, no KVM on hosts
+# without real hardware virtualisation (it uses QEMU's TCG emulator there: slow but works).
+#
+# Exit codes: CMD's own code after `run`; 0 for a good `build`; 2 bad arguments;
+#   3 cannot run here (QEMU/host tools missing, no image, not root for build);
+#   4 the guest did not report a result (crash, boot failure, timeout: SLEDGE_VM_TIMEOUT s).
+#
+# Environment: SLEDGE_VM_CACHE (default ~/.cache/sledge-vm), SLEDGE_VM_TIMEOUT (default 3600),
+#   SLEDGE_VM_MEM (MiB, default 2048), SLEDGE_VM_CPUS (default 2).
+set -euo pipefail
+
+PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${SLEDGE_VM_CACHE:-$HOME/.cache/sledge-vm}
+TIMEOUT=${SLEDGE_VM_TIMEOUT:-3600}
+MEM=${SLEDGE_VM_MEM:-2048}
+CPUS=${SLEDGE_VM_CPUS:-2}
+SUITE=bookworm
+
+PACKAGES="systemd-sysv udev kmod iproute2 iputils-ping procps openvswitch-switch
+openvswitch-testcontroller mininet iperf3 python3 python3-distutils sudo
+linux-image-amd64 initramfs-tools ethtool"
+
+die() { echo "vm.sh: $2" >&2; exit "$1"; }
+usage() { die 2 "usage: scripts/vm.sh build | run -- CMD [ARGS...]"; }
+
+image_key() {
+    { printf '%s\n' "$PACKAGES" "$SUITE"; cat "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16
+}
+
+need_tools() {
+    local missing=() t
+    for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+    if ((${#missing[@]})); then
+        die 3 "cannot run here: missing ${missing[*]} (apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils debootstrap e2fsprogs)"
+    fi
+}
+
+mirror() {
+    local src=/etc/apt/sources.list.d/debian.sources
+    local uri=""
+    [[ -r $src ]] && uri=$(awk '/^URIs:/ {print $2; exit}' "$src")
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# ---------------------------------------------------------------- build
+BUILD_ROOT=""
+build_cleanup() {
+    local d
+    if [[ -n $BUILD_ROOT ]]; then
+        for d in dev/pts dev sys proc; do
+            mountpoint -q "$BUILD_ROOT/rootfs/$d" 2>/dev/null && umount -l "$BUILD_ROOT/rootfs/$d"
+        done
+        rm -rf "$BUILD_ROOT"
+    fi
+}
+
+cmd_build() {
+    need_tools debootstrap mkfs.ext4 qemu-img chroot
+    [[ $(id -u) -eq 0 ]] || die 3 "cannot build here: debootstrap needs root"
+    local key img
+    key=$(image_key)
+    img=$CACHE/$key
+    if [[ -f $img/base.qcow2 && -f $img/vmlinuz && -f $img/initrd.img ]]; then
+        echo "vm.sh: image $img is up to date" >&2
+        return 0
+    fi
+    mkdir -p "$CACHE"
+    BUILD_ROOT=$(mktemp -d "$CACHE/build.XXXXXX")
+    trap build_cleanup EXIT
+    trap 'exit 130' INT TERM
+    local root=$BUILD_ROOT/rootfs t0=$SECONDS
+    echo "vm.sh: debootstrap $SUITE from $(mirror) ..." >&2
+    debootstrap --variant=minbase --include="$(echo "$PACKAGES" | tr -s ' \n' ',' | sed 's/,$//')" \
+        "$SUITE" "$root" "$(mirror)" >"$BUILD_ROOT/debootstrap.log" 2>&1 \
+        || { tail -20 "$BUILD_ROOT/debootstrap.log" >&2; die 1 "debootstrap failed"; }
+    echo "vm.sh: debootstrap done in $((SECONDS - t0)) s" >&2
+
+    echo sledge-vm >"$root/etc/hostname"
+    printf '127.0.0.1 localhost\n127.0.1.1 sledge-vm\n' >"$root/etc/hosts"
+    printf '/dev/vda / ext4 rw,relatime 0 1\n' >"$root/etc/fstab"
+    # A small initramfs: the root disk is virtio.
+    sed -i 's/^MODULES=.*/MODULES=list/' "$root/etc/initramfs-tools/initramfs.conf"
+    printf 'virtio_pci\nvirtio_blk\next4\n' >>"$root/etc/initramfs-tools/modules"
+    local u
+    for u in apt-daily.timer apt-daily-upgrade.timer getty@tty1.service serial-getty@ttyS0.service \
+        serial-getty@ttyS1.service openvswitch-testcontroller.service e2scrub_all.timer \
+        fstrim.timer systemd-timesyncd.service; do
+        ln -sf /dev/null "$root/etc/systemd/system/$u"
+    done
+
+    # The guest side of `run`: mount the shares, run the command, report, power off.
+    cat >"$root/usr/local/sbin/sledge-guest-run" <<'EOF'
+#!/bin/bash
+# Runs the command the host put in the run share; output to ttyS1, exit code to the share.
+set -u
+proj=$(sed -n 's/.*sledge.proj=\([^ ]*\).*/\1/p' /proc/cmdline)
+mkdir -p /run/sledge "$proj"
+mount -t 9p -o trans=virtio,version=9p2000.L run /run/sledge
+mount -t 9p -o trans=virtio,version=9p2000.L,ro proj "$proj"
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+rc=255
+if [ -r /run/sledge/cmd ]; then
+    export HOME=/root PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+    export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    cd "$proj" && bash /run/sledge/cmd >/dev/ttyS1 2>&1 </dev/null
+    rc=$?
+fi
+echo "$rc" >/run/sledge/rc.tmp && mv /run/sledge/rc.tmp /run/sledge/rc
+sync
+systemctl poweroff --no-block
+EOF
+    chmod 755 "$root/usr/local/sbin/sledge-guest-run"
+    cat >"$root/etc/systemd/system/sledge-run.service" <<'EOF'
+[Unit]
+Description=sledge: run the host's command
+After=openvswitch-switch.service systemd-modules-load.service local-fs.target
+Wants=openvswitch-switch.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/sledge-guest-run
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    ln -sf /etc/systemd/system/sledge-run.service \
+        "$root/etc/systemd/system/multi-user.target.wants/sledge-run.service"
+    printf 'sch_netem\nopenvswitch\n9p\n9pnet_virtio\n' >"$root/etc/modules-load.d/sledge.conf"
+
+    for u in proc sys dev dev/pts; do mount --bind "/$u" "$root/$u"; done
+    chroot "$root" update-initramfs -u -k all >"$BUILD_ROOT/initramfs.log" 2>&1 \
+        || { tail -20 "$BUILD_ROOT/initramfs.log" >&2; die 1 "update-initramfs failed"; }
+    chroot "$root" apt-get clean
+    for u in dev/pts dev sys proc; do umount -l "$root/$u"; done
+
+    local out=$BUILD_ROOT/out size
+    mkdir -p "$out"
+    cp -L "$root/vmlinuz" "$out/vmlinuz"
+    cp -L "$root/initrd.img" "$out/initrd.img"
+    size=$(( $(du -sm "$root" | cut -f1) + 700 ))
+    mkfs.ext4 -q -F -L sledge-root -d "$root" "$BUILD_ROOT/root.ext4" "${size}M"
+    qemu-img convert -O qcow2 "$BUILD_ROOT/root.ext4" "$out/base.qcow2"
+    rm -rf "$img"
+    mv "$out" "$img"
+    echo "vm.sh: built $img in $((SECONDS - t0)) s ($(du -sh "$img/base.qcow2" | cut -f1))" >&2
+}
+
+# ---------------------------------------------------------------- run
+RUN_DIR="" QPID="" TPID=""
+run_cleanup() {
+    if [[ -n $TPID ]]; then kill "$TPID" 2>/dev/null || true; fi
+    if [[ -n $QPID ]] && kill -0 "$QPID" 2>/dev/null; then
+        kill "$QPID" 2>/dev/null || true
+        sleep 1
+        kill -9 "$QPID" 2>/dev/null || true
+    fi
+    [[ -n $RUN_DIR ]] && rm -rf "$RUN_DIR"
+}
+
+accel_args() {
+    if [[ -w /dev/kvm ]] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+        echo "-accel kvm -cpu host"
+    else
+        echo "-accel tcg,thread=multi -cpu max"
+    fi
+}
+
+cmd_run() {
+    (($#)) || usage
+    need_tools qemu-system-x86_64 qemu-img
+    local img
+    img=$CACHE/$(image_key)
+    [[ -f $img/base.qcow2 ]] || die 3 "cannot run here: no image at $img (run: sudo scripts/vm.sh build)"
+    RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sgv-run.XXXXXX")
+    trap run_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    mkdir -p "$RUN_DIR/share"
+    { printf 'exec'; printf ' %q' "$@"; printf '\n'; } >"$RUN_DIR/share/cmd"
+    : >"$RUN_DIR/out"
+    qemu-img create -q -f qcow2 -b "$img/base.qcow2" -F qcow2 "$RUN_DIR/overlay.qcow2"
+    local t0=$SECONDS accel
+    accel=$(accel_args)
+    # shellcheck disable=SC2086  # accel is a list of words
+    qemu-system-x86_64 $accel -smp "$CPUS" -m "$MEM" -display none -no-reboot \
+        -nodefaults -monitor none \
+        -kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
+        -append "root=/dev/vda rw console=ttyS0 quiet panic=-1 sledge.proj=$PROJECT" \
+        -drive "file=$RUN_DIR/overlay.qcow2,if=virtio,format=qcow2" \
+        -fsdev "local,id=proj,path=$PROJECT,security_model=none,readonly=on" \
+        -device virtio-9p-pci,fsdev=proj,mount_tag=proj \
+        -fsdev "local,id=run,path=$RUN_DIR/share,security_model=none" \
+        -device virtio-9p-pci,fsdev=run,mount_tag=run \
+        -chardev "file,id=con,path=$RUN_DIR/console.log" -serial chardev:con \
+        -chardev "file,id=res,path=$RUN_DIR/out" -serial chardev:res \
+        </dev/null >"$RUN_DIR/qemu.log" 2>&1 &
+    QPID=$!
+    tail -n +1 -f "$RUN_DIR/out" &
+    TPID=$!
+    local waited=0
+    while kill -0 "$QPID" 2>/dev/null; do
+        if ((waited >= TIMEOUT)); then
+            echo "vm.sh: guest timed out after ${TIMEOUT} s" >&2
+            break
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    local qrc=0
+    if kill -0 "$QPID" 2>/dev/null; then kill "$QPID" 2>/dev/null || true; fi
+    wait "$QPID" 2>/dev/null || qrc=$?
+    QPID=""
+    sleep 0.5
+    kill "$TPID" 2>/dev/null || true
+    wait "$TPID" 2>/dev/null || true
+    TPID=""
+    if [[ ! -s $RUN_DIR/share/rc ]]; then
+        if grep -q . "$RUN_DIR/qemu.log"; then head -5 "$RUN_DIR/qemu.log" >&2; fi
+        tail -15 "$RUN_DIR/console.log" >&2 2>/dev/null || true
+        if ((waited < 60)) && ((qrc != 0)); then
+            die 3 "cannot run here: QEMU exited with $qrc after ${waited} s"
+        fi
+        die 4 "the guest reported no result after $((SECONDS - t0)) s"
+    fi
+    local rc
+    rc=$(cat "$RUN_DIR/share/rc")
+    echo "vm.sh: guest run took $((SECONDS - t0)) s, command exit code $rc" >&2
+    exit "$rc"
+}
+
+case ${1:-} in
+    build) (($# == 1)) || usage; cmd_build ;;
+    run) shift; [[ ${1:-} == -- ]] && shift; cmd_run "$@" ;;
+    *) usage ;;
+esac
