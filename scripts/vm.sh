@@ -20,12 +20,12 @@
 #   3 cannot run here (QEMU/host tools missing, no image, not root for build);
 #   4 the guest did not report a result (crash, boot failure, timeout: SLEDGE_VM_TIMEOUT s).
 #
-# Environment: SLEDGE_VM_CACHE (default ~/.cache/sledge-vm), SLEDGE_VM_TIMEOUT (default 3600),
+# Environment: SLEDGE_VM_CACHE (default /var/cache/sledge-vm), SLEDGE_VM_TIMEOUT (default 3600),
 #   SLEDGE_VM_MEM (MiB, default 2048), SLEDGE_VM_CPUS (default 2).
 set -euo pipefail
 
 PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CACHE=${SLEDGE_VM_CACHE:-$HOME/.cache/sledge-vm}
+CACHE=${SLEDGE_VM_CACHE:-/var/cache/sledge-vm}
 TIMEOUT=${SLEDGE_VM_TIMEOUT:-3600}
 MEM=${SLEDGE_VM_MEM:-2048}
 CPUS=${SLEDGE_VM_CPUS:-2}
@@ -65,7 +65,8 @@ build_cleanup() {
         for d in dev/pts dev sys proc; do
             mountpoint -q "$BUILD_ROOT/rootfs/$d" 2>/dev/null && umount -l "$BUILD_ROOT/rootfs/$d"
         done
-        rm -rf "$BUILD_ROOT"
+        # never follow a bind mount that failed to detach into the host
+        rm -rf --one-file-system "$BUILD_ROOT"
     fi
 }
 
@@ -151,8 +152,12 @@ EOF
 
     local out=$BUILD_ROOT/out size
     mkdir -p "$out"
-    cp -L "$root/vmlinuz" "$out/vmlinuz"
-    cp -L "$root/initrd.img" "$out/initrd.img"
+    local k i
+    k=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -1)
+    i=$(find "$root/boot" -maxdepth 1 -name 'initrd.img-*' | sort -V | tail -1)
+    [[ -n $k && -n $i ]] || die 1 "no kernel/initrd under $root/boot"
+    cp "$k" "$out/vmlinuz"
+    cp "$i" "$out/initrd.img"
     size=$(( $(du -sm "$root" | cut -f1) + 700 ))
     mkfs.ext4 -q -F -L sledge-root -d "$root" "$BUILD_ROOT/root.ext4" "${size}M"
     qemu-img convert -O qcow2 "$BUILD_ROOT/root.ext4" "$out/base.qcow2"
@@ -207,8 +212,8 @@ cmd_run() {
         -device virtio-9p-pci,fsdev=proj,mount_tag=proj \
         -fsdev "local,id=run,path=$RUN_DIR/share,security_model=none" \
         -device virtio-9p-pci,fsdev=run,mount_tag=run \
-        -chardev "file,id=con,path=$RUN_DIR/console.log" -serial chardev:con \
-        -chardev "file,id=res,path=$RUN_DIR/out" -serial chardev:res \
+        -chardev "file,id=con,path=$RUN_DIR/console.log,append=on" -serial chardev:con \
+        -chardev "file,id=res,path=$RUN_DIR/out,append=on" -serial chardev:res \
         </dev/null >"$RUN_DIR/qemu.log" 2>&1 &
     QPID=$!
     tail -n +1 -f "$RUN_DIR/out" &
