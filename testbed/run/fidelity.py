@@ -103,10 +103,7 @@ class Fidelity:
         link's delay (at least lateness_floor_ms); invalid: a relay's p99 lateness passed the
         link's whole delay (and the floor): the link's timing did not hold at all."""
         c = self.cfg
-        degraded, invalid = [], []
-        idle = host.get("idle_min")
-        if idle is not None and idle < c.min_idle:
-            degraded.append(f"host idle {idle * 100:.0f}% < {c.min_idle * 100:.0f}%")
+        degraded, invalid = host_reasons(host, c), []
         for link, r in relays.items():
             for d in ("up", "down"):
                 p99, delay = r[d].get("p99_ms"), r[d]["delay_ms"]
@@ -125,6 +122,15 @@ class Fidelity:
 
 
 VERDICTS = ("ok", "degraded", "invalid")  # from best to worst
+
+
+def host_reasons(host: dict[str, Any], cfg: FidelityConfig) -> list[str]:
+    """Mininet-HiFi's idle rule, the one rule rounds and benchmarks share: why the host's
+    idle CPU (its lowest second) makes a measurement degraded, or nothing."""
+    idle = host.get("idle_min")
+    if idle is not None and idle < cfg.min_idle:
+        return [f"host idle {idle * 100:.0f}% < {cfg.min_idle * 100:.0f}%"]
+    return []
 
 
 def overall(records: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
@@ -156,11 +162,8 @@ def watch_host(cfg: FidelityConfig | None = None) -> Iterator[dict[str, Any]]:
     finally:
         sampler.stop()
         host = sampler.window(t0, sampler.snap()[0])
-        idle = host["idle_min"]
-        low = idle is not None and idle < cfg.min_idle
-        out.update(verdict="degraded" if low else "ok",
-                   reasons=[f"host idle {idle * 100:.0f}% < {cfg.min_idle * 100:.0f}%"]
-                   if low else [], **host)
+        reasons = host_reasons(host, cfg)
+        out.update(verdict="degraded" if reasons else "ok", reasons=reasons, **host)
 
 
 def background(seconds: float = 2.0, cfg: FidelityConfig | None = None) -> dict[str, Any]:
