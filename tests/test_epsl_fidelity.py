@@ -93,6 +93,20 @@ def test_unbiased_sends_n_times_the_sum_variant(base):
 
 
 @pytest.mark.parametrize("phi", [0.5, 1.0])
+def test_last_layer_unbiased_scales_only_the_shared_rows(phi):
+    """The server steps as in last_layer; each client gets N times last_layer's shared row
+    (the sum over clients instead of their mean) and its own rows unchanged."""
+    n = 4
+    plain = step("epsl", n, phi=phi, epsl_bp_mode="last_layer")
+    scaled = step("epsl", n, phi=phi, epsl_bp_mode="last_layer_unbiased")
+    assert states_equal(plain, scaled)
+    for (ta, _, a), (tb, _, b) in zip(plain.router.sent, scaled.router.sent, strict=True):
+        assert ta == tb
+        torch.testing.assert_close(b["grad"], a["grad"] * (n if ta == "GRAD_BCAST" else 1),
+                                   rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("phi", [0.5, 1.0])
 def test_mean_activation_equals_representative_when_clients_send_the_same(phi):
     """With identical activations and labels everywhere the mean is any client's, so the
     two constructions coincide."""

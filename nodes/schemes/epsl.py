@@ -66,12 +66,14 @@ def aggregated_positions(phi: float, b: int) -> int:
 
 
 BP_MODES = ("representative", "mean_activation", "representative_unbiased",
-            "mean_activation_unbiased", "last_layer", "label_matched", "cutlayer_average")
+            "mean_activation_unbiased", "last_layer", "last_layer_unbiased", "label_matched",
+            "cutlayer_average")
 
 
 def agg_factor(mode: str, n: int) -> float:
-    """What multiplies the sum over clients of an aggregated position's output gradient."""
-    return float(n) if mode.endswith("_unbiased") else 1.0
+    """What multiplies the sum over clients of an aggregated position's output gradient
+    (last_layer_unbiased scales only what the clients get: split_downlink)."""
+    return float(n) if mode.endswith("_unbiased") and not mode.startswith("last") else 1.0
 
 
 def representative_seed(G: torch.Tensor, k_a: int, factor: float = 1.0) -> torch.Tensor:
@@ -113,8 +115,10 @@ def split_downlink(xgrad: torch.Tensor, k_a: int, scale: float,
     """From the cut gradient (N, b, ...) of the mean loss: the k_a rows every client shares
     and the (N, b - k_a) rows each gets alone, both on the per-client scale `scale` implies."""
     n, j = xgrad.shape[0], torch.arange(k_a)
-    if mode.startswith("representative") or mode == "last_layer":  # one client's Jacobian
+    if mode.startswith(("representative", "last_layer")):  # one client's Jacobian
         shared = xgrad[j % n, j] * (scale / n)
+        if mode == "last_layer_unbiased":  # the sum over clients, not their mean
+            shared = shared * n
     else:
         shared = (xgrad[:, :k_a] * scale).mean(0)
     return shared, xgrad[:, k_a:] * scale
@@ -163,7 +167,7 @@ class EPSL(PSL):
         factor = agg_factor(mode, n)
         mean_act = mode.startswith("mean_activation") and k_a > 0
         subset = self.opts["epsl_bp_compute"] == "subset" and mode.startswith("representative")
-        last = mode == "last_layer" and k_a > 0
+        last = mode.startswith("last_layer") and k_a > 0
         matched = mode == "label_matched" and k_a > 0
         if last:  # the last unit's input, inside the forward's graph
             seen: list[torch.Tensor] = []
