@@ -507,6 +507,7 @@ class Endpoint:
         self.epoch = 0
         self.interrupt: Callable[[], bool] | None = None
         self._connected: list[str] = []  # named in errors: a dealer's peer is its address
+        self._bound: list[str] = []
         self.bytes_sent = self.bytes_recv = self.msgs_sent = self.msgs_recv = 0
         self.header_bytes_sent = self.header_bytes_recv = 0
         self.by_type: dict[str, dict[str, int]] = {}
@@ -541,9 +542,12 @@ class Endpoint:
         self._pollitems = [(sock, _POLLIN)]
 
     def bind(self, addr: str) -> None:
-        if self.gatekeeper is not None:  # count connections from the first one on
+        """Listen at `addr`; a ROUTER may listen at several (the controller: its ipc path and
+        a TCP endpoint for other machines), all under one gatekeeper and one connection cap."""
+        if self.gatekeeper is not None and not self._bound:  # one monitor sees every address
             self.gatekeeper.watch(self.name, self._sock, self.max_connections)
         self._sock.bind(addr)
+        self._bound.append(addr)
 
     def connect(self, addr: str, server: str | None = None) -> None:
         """Dial `addr`; with security, `server` names the process there (its public key)."""

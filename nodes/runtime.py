@@ -5,8 +5,10 @@ nodes --config FILE` calls it. The node talks to the controller over an ipc:// c
 (outside the emulated network, so control traffic never shows on a link) and to its peers
 over TCP on the emulated network. Before saying HELLO to the controller it opens the data
 plane: every DEALER says HELLO to its ROUTER and every ROUTER waits for the HELLOs it expects,
-so afterwards any node may speak first. After each round it checkpoints and sends a REPORT. Any
-error is sent to the controller as ERROR with its traceback and the process exits non-zero.
+so afterwards any node may speak first. After each round it checkpoints and sends a REPORT
+(with `ship_checkpoint`, a node on another machine than the controller's, the checkpoint file's
+bytes go with it: the controller has no access to this machine's files). Any error is sent to
+the controller as ERROR with its traceback and the process exits non-zero.
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ def prepare_transport(config: dict[str, Any]) -> bool:
     return reuse_receive_memory(int(config.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES))
 
 
+def shipped_checkpoint(ctx: NodeContext) -> dict[str, torch.Tensor]:
+    """The checkpoint file just written, as one uint8 tensor for the REPORT: the controller
+    writes these bytes unchanged, so it evaluates exactly what a local node leaves it. Its size
+    is bounded like any message (the run's max_message_bytes, above a checkpoint's size)."""
+    with open(ctx.ckpt_path, "rb") as f:
+        return {"checkpoint": torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)}
+
+
 def run_node(config: dict[str, Any]) -> int:
     """Run one node until the controller says stop. Returns the process exit code."""
     check_config(config)
@@ -141,6 +151,7 @@ def run_node(config: dict[str, Any]) -> int:
         control.send("HELLO", meta={"pid": os.getpid(), "role": ctx.role,
                                     "proto": ctx.proto_stats()})
         all_clients = list(ctx.clients)
+        ship = bool(config.get("ship_checkpoint")) and bool(ctx.ckpt_path)
         ctx.state = "idle"
         while True:
             _, msg = control.recv(config.get("idle_timeout_s", 3600.0))
@@ -163,7 +174,8 @@ def run_node(config: dict[str, Any]) -> int:
                 compression_report(ctx)
                 ctx.checkpoint(msg.round)
                 ctx.state = "idle"
-                control.send("REPORT", round=msg.round, meta=ctx.round_report())
+                control.send("REPORT", round=msg.round, meta=ctx.round_report(),
+                             tensors=shipped_checkpoint(ctx) if ship else None)
             elif cmd in RECOVERY:  # between attempts of a round (nodes.fault)
                 out = RECOVERY[cmd](ctx, scheme, zctx, msg.meta)
                 control.epoch = ctx.epoch

@@ -1,7 +1,7 @@
 """A run's configuration as data: nested typed sections, validated, errors naming the dotted field.
 
 `RunConfig` holds everything a run needs besides its topology: run, scheme, train, data,
-model, net, devices, efficiency, fault, timeouts, security, fidelity and transport. The
+model, net, devices, efficiency, fault, timeouts, security, fidelity, transport and cluster. The
 sections a node reads as they are (train, timeouts, fault, transport) are nodes.settings'
 models, shared with the node configs, so no default is written twice. A config comes from an
 experiment file (YAML, nested), from command-line flags, or from Python; flat keys are accepted
@@ -162,8 +162,27 @@ class Fidelity(Section):
     lateness_floor_ms: float = Field(0.5, ge=0, description="lateness always allowed (ms)")
 
 
+class Cluster(Section):
+    """Nodes on other machines (docs/cluster.md). Their control connection reaches the
+    controller through a forwarder on their machine (testbed.run.forward) and this TCP
+    endpoint, CURVE end to end; their checkpoints come back with their round reports."""
+
+    control: str = Field("", pattern=r"^$|^[^:\s]+:\d{1,5}$",
+                         description="<ip>:<port> the control socket binds on too, for the "
+                                     "forwarders (port 0: any free one); empty: local only")
+    remote: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="hosts whose node runs on another machine")
+
+    @model_validator(mode="after")
+    def _remote_needs_control(self) -> Cluster:
+        if self.remote and not self.control:
+            raise ValueError("remote hosts need a TCP control endpoint in cluster.control, "
+                             "e.g. 10.0.0.1:7000")
+        return self
+
+
 SECTIONS = ("run", "scheme", "train", "data", "model", "net", "devices", "efficiency", "fault",
-            "timeouts", "security", "fidelity", "transport")
+            "timeouts", "security", "fidelity", "transport", "cluster")
 
 # Flat shorthand -> the dotted field it names (the command line's and the old flat names).
 FLAT: dict[str, str] = {
@@ -236,6 +255,7 @@ class RunConfig(BaseModel):
     security: Security = Field(default_factory=Security)
     fidelity: Fidelity = Field(default_factory=Fidelity)
     transport: Transport = Field(default_factory=Transport)
+    cluster: Cluster = Field(default_factory=Cluster)
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -87,9 +87,15 @@ def message_budget(model_kwargs: dict[str, Any], batch: int, clients: int) -> in
 
 def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str | None],
              limits: dict[str, dict[str, Any]], cycles: dict[str, float], *, run_id: str,
-             control: str, ip: Any, checkpoint: Any, topology: str = "") -> RunPlan:
+             control: str, ip: Any, checkpoint: Any, topology: str = "",
+             remote_control: str = "") -> RunPlan:
     """The run's plan. `ip(host)` gives a host's data-plane address, `checkpoint(host)` its
-    checkpoint path, `control` the controller's ipc:// address."""
+    checkpoint path, `control` the controller's ipc:// address; `remote_control` the ipc://
+    address a host of `cluster.remote` dials instead (its machine's control forwarder)."""
+    unknown = sorted(set(cfg.cluster.remote) - set(topo.hosts()))
+    if unknown:
+        raise PlanError(f"config field 'cluster.remote': no host {unknown} in topology "
+                        f"{topology!r} (hosts {topo.hosts()})")
     # Built hosts keep the topology's order (Mininet adds them as topo.hosts() lists them).
     roles = {r: [h for h, hr in roles_of.items() if hr == r]
              for r in (*scheme.roles, *cfg.net.tiers)}
@@ -144,6 +150,8 @@ def plan_run(cfg: RunConfig, scheme: Scheme, topo: Topo, roles_of: dict[str, str
                              "segments": placement.get(name, []), "peers": {}, "accept": [],
                              "compute": {**compute, "cycles_per_s": cycles.get(name)},
                              "checkpoint": checkpoint(name)}
+            if name in cfg.cluster.remote:  # on another machine (docs/cluster.md)
+                configs[name].update(control=remote_control, ship_checkpoint=True)
     if cfg.efficiency.compression:  # every node packs and unpacks what crosses its cuts
         for nc in configs.values():
             nc["compression"] = cfg.efficiency.compression

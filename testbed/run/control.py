@@ -1,15 +1,20 @@
 """The controller's control channel: commands to the nodes, and their replies collected.
 
-One ROUTER socket (nodes.protocol) on the run's ipc path. `collect` waits for one message of a
-type from every node (or some), while watching for the nodes' errors and deaths; everything that
-drives nodes between rounds (the experiment's rounds, testbed.run.recovery's rollbacks and
-restarts, testbed.scenario.migration's moves) goes through here, not through the Experiment's
-internals. It does not decide what to send: its callers do.
+One ROUTER socket (nodes.protocol) on the run's ipc path, and with `cluster.control` on a TCP
+endpoint too, where the control forwarders of other machines (testbed.run.forward) connect,
+CURVE and gatekeeper the same. `collect` waits for one message of a type from every node (or
+some), while watching for the nodes' errors and deaths; everything that drives nodes between
+rounds (the experiment's rounds, testbed.run.recovery's rollbacks and restarts,
+testbed.scenario.migration's moves) goes through here, not through the Experiment's internals.
+It does not decide what to send: its callers do. A remote node (`cluster.remote`) sends its
+checkpoint with each round's REPORT; it is written here into the run folder, where a local
+node writes its own, so evaluation and resume read the same file either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +35,17 @@ class ControlChannel:
         self.endpoint: Endpoint | None = None
         # Each node's protocol counters when it said HELLO: round 1's traffic counts from here.
         self.startup_proto: dict[str, dict] = {}
+        self.tcp = ""  # the TCP endpoint as bound (port 0 resolved), for the forwarders
+        self._kept: dict[str, int] = {}  # remote node -> round of the checkpoint kept for it
 
-    def open(self, plane: Plane, addr: str, hosts: list[str]) -> None:
+    def open(self, plane: Plane, addr: str, hosts: list[str], tcp: str = "") -> None:
+        """Listen at `addr` (ipc://) and, given `tcp` ("<ip>:<port>"), there too."""
         # Only the run's nodes (and their heartbeat sockets) may speak to the controller.
         self.endpoint = plane.router("controller", addr,
                                      expected={*hosts, *(f"{h}#hb" for h in hosts)})
+        if tcp:
+            self.endpoint.bind(f"tcp://{tcp}")
+            self.tcp = self.endpoint.last_endpoint.removeprefix("tcp://")
 
     @property
     def epoch(self) -> int:
@@ -109,6 +120,8 @@ class ControlChannel:
                 err.detail = msg.meta.get("traceback", "")  # `sledge --debug` shows it
                 raise err
             if msg.type == mtype and msg.round == rnd and sender in want:
+                if "checkpoint" in msg.tensors and sender in exp.cfg.cluster.remote:
+                    self._keep_checkpoint(sender, msg.round, msg.tensors["checkpoint"])
                 got[sender] = msg.meta
         return got
 
@@ -142,6 +155,20 @@ class ControlChannel:
             raise NodesDead(dead, detail) if exp.recovery.enabled else RunFailed(detail)
         if why := exp.recovery.stuck():
             raise RunFailed(f"nodes aborted their round but no node died: {why}")
+
+    def _keep_checkpoint(self, node: str, rnd: int, data: Any) -> None:
+        """A remote node's checkpoint of round `rnd` (its file's bytes, as a uint8 tensor),
+        written where a local node writes its own: atomically, the previous round's kept as
+        `.prev` as the node keeps it. The same round again (a redo after a rollback)
+        replaces the current file only, so `.prev` stays the round before."""
+        path = self.exp.run_dir.file("ckpt", f"{node}.pt")
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data.numpy().tobytes())
+        if self._kept.get(node, rnd) < rnd and os.path.exists(path):
+            os.replace(path, f"{path}.prev")
+        os.replace(tmp, path)
+        self._kept[node] = rnd
 
     def rejections(self) -> dict[str, int]:
         return self.endpoint.rejections() if self.endpoint is not None else {}

@@ -3,8 +3,9 @@
 The controller side of sledge. It builds the network, writes one config per node (placement
 from the scheme, data shards from the partition, peer addresses from Mininet), starts a node
 process in every host, drives the rounds over an ipc:// control socket that lives outside the
-emulated network, reads protocol and kernel counters, evaluates from checkpoints, and writes
-every round to disk as it ends. Whatever happens (a node crash, a timeout, Ctrl-C, SIGTERM),
+emulated network (and, for nodes on other machines, a TCP endpoint their control forwarders
+reach: docs/cluster.md), reads protocol and kernel counters, evaluates from checkpoints, and
+writes every round to disk as it ends. Whatever happens (a node crash, a timeout, Ctrl-C, SIGTERM),
 teardown stops the node processes it started and the Mininet net it built, nothing else.
 """
 
@@ -179,8 +180,8 @@ class Experiment:
             plan = plan_run(self.cfg, self.scheme, self.topo, self.host_roles, self.limits,
                             self.cycles, run_id=self.run_id,
                             control=f"ipc://{self._ctl_dir}/control", ip=self.network.ip,
-                            checkpoint=lambda h: self.run_dir.file("ckpt", f"{h}.pt"),
-                            topology=self.topology)
+                            checkpoint=self._node_checkpoint, topology=self.topology,
+                            remote_control=self.remote_control)
         except PlanError as e:
             raise BadInput(str(e)) from None
         self.plan = plan
@@ -189,6 +190,23 @@ class Experiment:
         self.parts, self.model_kwargs, self.iters = plan.parts, plan.model_kwargs, plan.iters
         self.data_links, self.shard_info = plan.data_links, plan.shard_info
         return plan
+
+    @property
+    def remote_control(self) -> str:
+        """The ipc:// address a node on another machine dials: its machine's control
+        forwarder listens there (testbed.run.forward), never the controller itself."""
+        return f"ipc://{self._ctl_dir}/remote"
+
+    def checkpoint_path(self, host: str) -> str:
+        """Where the controller reads `host`'s checkpoint: the node's own file, or for a
+        remote node the copy of what its REPORT brought (testbed.run.control)."""
+        return self.run_dir.file("ckpt", f"{host}.pt")
+
+    def _node_checkpoint(self, host: str) -> str:
+        # A remote node keeps its own file under another name: on one machine (a test) the
+        # node's rotation and the controller's copy must not share a file.
+        return (self.run_dir.file("ckpt", f"{host}.remote.pt")
+                if host in self.cfg.cluster.remote else self.checkpoint_path(host))
 
     def _secure(self) -> None:
         """A keypair for every host of the topology and for the controller, each node's own
@@ -312,8 +330,8 @@ class Experiment:
             hosts = self.topo.hosts()
             self._plane = Plane(self._zctx, self.run_id, self.security.get("controller"),
                                 max_connections=2 * len(hosts) + 8)
-            self.control.open(self._plane,
-                              self.node_configs[next(iter(self.node_configs))]["control"], hosts)
+            self.control.open(self._plane, f"ipc://{self._ctl_dir}/control", hosts,
+                              tcp=cfg.cluster.control)
             if self.on_start:
                 self.on_start(self)
             first = self._resume_start() if self.resume else 1
@@ -484,7 +502,7 @@ class Experiment:
             if self.events:
                 rec["events"], self.events = self.events, []
         if evaluator:
-            ckpts = {n: c["checkpoint"] for n, c in self.node_configs.items()}
+            ckpts = {n: self.checkpoint_path(n) for n in self.node_configs}
             per_client = evaluator.evaluate(ckpts, self.parts)
             rec["test_acc_per_client"] = per_client
             rec["test_acc"] = sum(per_client.values()) / len(per_client)

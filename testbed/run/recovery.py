@@ -273,6 +273,8 @@ def resume_state(run_path: str | os.PathLike) -> dict[str, Any]:
         ckpt = path / nc["checkpoint"]
         if os.path.isabs(nc["checkpoint"]) and not os.path.exists(ckpt):
             ckpt = path / "ckpt" / os.path.basename(nc["checkpoint"])
+        if nc.get("ship_checkpoint"):  # on another machine: the copy its REPORTs brought
+            ckpt = path / "ckpt" / f"{nc['name']}.pt"
         have, bad = checkpoint_rounds(str(ckpt))
         if last not in have:
             if bad:  # the round needed is in a file that cannot be read: that file is named
