@@ -8,13 +8,17 @@ latter also straight on the TCP endpoint; without security that same keyless pee
 (the check can fail). Then whole runs: a run whose nodes all count as remote trains exactly as
 the direct run, through one forwarder process, while a keyless stranger knocks on the TCP
 endpoint; and the controller's copies of the checkpoints are the nodes' files, byte for byte.
+Without security the stranger takes c1's control connection over and the run fails. A server
+killed mid-round restarts through the forwarder and the run still ends as the direct one.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import zmq
 from nodes.protocol import Endpoint, Gatekeeper, Message, Security, encode
 from testbed import Experiment
 from testbed.emu.topology import load_topology
-from testbed.errors import ConfigError, RunFailed
+from testbed.errors import BadInput, ConfigError, RunFailed
 from testbed.plan.config import RunConfig
 from testbed.run.records import read_rounds
 from tests.test_schemes_loopback import free_ports
@@ -141,6 +145,16 @@ def test_remote_hosts_need_a_tcp_control_endpoint():
         RunConfig.from_dict({"cluster": {"control": "no-port"}})
 
 
+def test_an_unknown_remote_host_is_refused_before_any_node_starts(tmp_path):
+    topo, _ = load_topology(TINY, params={"clients": 2})
+    cfg = RunConfig.from_dict({"dataset": "digits", "out_dir": str(tmp_path),
+                               "cluster": {"control": "127.0.0.1:0", "remote": ["c9"]}})
+    with pytest.raises(BadInput, match=r"cluster.remote.*c9"), \
+            Experiment(cfg, topo, topology=TINY, loopback=True) as exp:
+        exp.run()
+    assert not exp.procs and not any(tmp_path.iterdir())
+
+
 # -- whole runs ---------------------------------------------------------------------------------
 def loop_run(tmp_path: Path, on_start=None, on_ready=None, **over) -> tuple[Experiment, list]:
     topo, _ = load_topology(TINY, params={"clients": 2})
@@ -224,3 +238,55 @@ def test_with_insecure_the_stranger_on_tcp_takes_c1s_control_over(tmp_path):
     (PSL: the others wait for c1, so nobody reports)."""
     with pytest.raises(RunFailed, match=r"round 1: no REPORT from \[.*'c1'"):
         remote_run(tmp_path, insecure=True, round_timeout_s=8.0, max_restarts=0)
+
+
+def test_a_remote_server_killed_mid_round_restarts_through_the_forwarder(tmp_path):
+    """Recovery across the forwarder: the server is killed in the middle of round 2 (by the
+    clients' steps in their heartbeats); it restarts from its own checkpoint (dialling the
+    forwarder again), the clients roll back and the round is redone. The result is the direct
+    run's bit for bit, and the controller's copy of each checkpoint is the node's file."""
+    over = dict(iters_per_round=120, heartbeat_s=0.1)
+    direct, direct_rounds = loop_run(tmp_path / "direct", **over)
+    started: dict = {}
+
+    def forwarders(exp: Experiment) -> None:
+        started["fwd"] = start_forwarder(exp.remote_control.removeprefix("ipc://"),
+                                         exp.control.tcp)
+
+    def kill_srv(exp: Experiment, rnd: int) -> None:
+        if rnd != 1:
+            return
+        pid = exp.procs["srv"].pid
+
+        def mid_round_2() -> bool:  # round 1 ended at step 120: fewer is round 2's
+            st = exp.recovery.status.get("c1", {})
+            return st.get("state") == "training" and 10 <= st.get("iteration", 0) < 100
+
+        def kill() -> None:
+            wait_for(mid_round_2, 60)
+            started["killed_at"] = exp.recovery.status["c1"]["iteration"]
+            os.kill(pid, signal.SIGKILL)
+
+        started["thread"] = threading.Thread(target=kill, daemon=True)
+        started["thread"].start()
+
+    topo, _ = load_topology(TINY, params={"clients": 2})
+    base = dict(name="fwd", scheme="psl", dataset="digits", rounds=2, batch_size=16,
+                train_limit=None, test_limit=200, out_dir=str(tmp_path / "remote"),
+                port=free_ports(), cluster={"control": "127.0.0.1:0", "remote": HOSTS})
+    exp = Experiment(RunConfig.from_dict({**base, **over}), topo, topology=TINY,
+                     loopback=True, on_start=forwarders, on_round=kill_srv)
+    try:
+        summary = exp.run()
+    finally:
+        if "fwd" in started:
+            stop_forwarder(started["fwd"])
+    rounds = read_rounds(exp.run_dir.path)
+    assert 10 <= started["killed_at"] < 100
+    assert summary["recovery"]["restarts"] == 1 and summary["recovery"]["redone"] == [2], \
+        summary["recovery"]
+    assert [r["train_loss"] for r in rounds] == [r["train_loss"] for r in direct_rounds]
+    for h in HOSTS:
+        kept, own = exp.checkpoint_path(h), exp.node_configs[h]["checkpoint"]
+        assert Path(kept).read_bytes() == Path(own).read_bytes()
+        assert same(segments(kept), segments(direct.checkpoint_path(h)))
