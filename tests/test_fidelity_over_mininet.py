@@ -42,6 +42,7 @@ def hogs() -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.guest_heavy  # the relay's own lateness: the host's job, not the netem guest's
 def test_a_cpu_hog_degrades_its_round_and_raises_relay_lateness(tmp_path, no_leaks):
     running: list[subprocess.Popen] = []
 
@@ -55,7 +56,7 @@ def test_a_cpu_hog_degrades_its_round_and_raises_relay_lateness(tmp_path, no_lea
 
     topo, _ = load_topology(TINY, params={"bw": 20, "delay": "10ms"})
     cfg = RunConfig(dataset="digits", rounds=3, iters_per_round=40, evaluate=False,
-                    train_limit=600, out_dir=str(tmp_path))
+                    train_limit=600, out_dir=str(tmp_path), link_backend="relay")
     try:
         Experiment(cfg, topo, topology=TINY, on_round=on_round).run()
     finally:

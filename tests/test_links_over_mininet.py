@@ -27,9 +27,10 @@ TINY = os.path.join(ROOT, "topologies", "tiny.py")
 def tiny(no_leaks):
     nets = []
 
-    def build(**params):
+    def build(backend="auto", **params):
+        # auto: netem where the kernel has it (scripts/vm.sh's guest), else the relay
         topo, _ = load_topology(TINY, params=params)
-        nets.append(build_network(topo, probe()))
+        nets.append(build_network(topo, probe(), link_backend=backend))
         return nets[-1]
 
     yield build
@@ -79,31 +80,41 @@ def test_runtime_delay_change_shows_at_once_without_restarting(tiny):
     net = tiny(delay="5ms")
     c1, srv = hosts(net)
     ping(c1, srv.IP(), 3)
-    relay_pids = {x: p.pid for x, p in net.links.procs.items()}
-    series = _ping_series(c1, srv.IP(), 3)
+    # The relay changes a link in place: no relay process is restarted for it.
+    relay_pids = {x: p.pid for x, p in getattr(net.links, "procs", {}).items()}
+    series = _ping_series(c1, srv.IP(), 5)  # room for a slow change (netem in a guest)
     time.sleep(1.0)
-    t_change = time.time()
+    t_call = time.time()
     net.set_link("c1", "s1", delay="30ms")
+    t_change = time.time()  # in effect once the call returns (netem: a tc call per side)
     out = series.communicate(timeout=20)[0].decode()
     samples = _parse_series(out)
-    before = [ms for t, ms in samples if t < t_change - 0.05]
+    before = [ms for t, ms in samples if t < t_call - 0.05]
     after = [ms for t, ms in samples if t > t_change + 0.1]
     assert before and after
     # Added delay can only raise an RTT; a busy core can raise one too, hence the median.
     assert statistics.median(before) < 15 and min(after) > 55, (before, after)
-    assert {x: p.pid for x, p in net.links.procs.items()} == relay_pids
+    assert {x: p.pid for x, p in getattr(net.links, "procs", {}).items()} == relay_pids
 
 
 def test_runtime_bandwidth_change_shows_in_the_next_second_and_tcp_survives(tiny):
     net = tiny(bw=20)
     c1, srv = hosts(net)
     server = srv.popen(["iperf3", "-s", "-1", "-p", "5202"])
-    time.sleep(0.5)
-    client = c1.popen(["iperf3", "-c", srv.IP(), "-p", "5202", "-t", "5", "-i", "0.5", "-J"])
-    time.sleep(2.0)
-    net.set_link("c1", "s1", bw=4)
-    out, _ = client.communicate(timeout=30)
-    server.wait(10)
+    try:
+        time.sleep(0.5)
+        client = c1.popen(["iperf3", "-c", srv.IP(), "-p", "5202", "-t", "5", "-i", "0.5", "-J"])
+        try:
+            time.sleep(2.0)
+            net.set_link("c1", "s1", bw=4)
+            out, _ = client.communicate(timeout=30)
+        finally:
+            client.kill()
+            client.wait(5)
+        server.wait(10)
+    finally:
+        server.kill()
+        server.wait(5)
     res = json.loads(out)
     assert "error" not in res, res.get("error")  # the TCP connection was never reset
     rates = [(i["sum"]["start"], i["sum"]["bits_per_second"] / 1e6) for i in res["intervals"]]
@@ -127,7 +138,7 @@ def test_sledge_linkcheck_passes_on_the_tiny_topology(no_leaks):
     sledge = os.path.join(os.path.dirname(sys.executable), "sledge")
     r = subprocess.run([sledge, "linkcheck", TINY, "-p", "delay=10ms", "-p", "bw=20",
                         "--pings", "100", "--iperf-s", "2"],
-                       capture_output=True, text=True, timeout=180)
+                       capture_output=True, text=True, timeout=600)  # a hang guard
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"c1->srv\s+20\.\d\d\s", r.stdout), r.stdout  # 20 ms + serialisation
     # and whether the host was idle enough for the measurement to count (Mininet-HiFi's rule)
@@ -141,19 +152,26 @@ def test_a_replayed_trace_changes_the_link_on_schedule(tiny, tmp_path):
     trace = tmp_path / "trace.csv"
     trace.write_text("time_s,delay,bw\n0,5ms,50\n1.0,40ms,50\n")
     ping(c1, srv.IP(), 3)
-    series = _ping_series(c1, srv.IP(), 3)
+    series = _ping_series(c1, srv.IP(), 5)  # room for a slow change (netem in a guest)
     t0 = time.time()
-    net.links.replay("c1", "s1", str(trace)).join(5)
+    replay = net.links.replay("c1", "s1", str(trace))
+    replay.join(5)
     samples = _parse_series(series.communicate(timeout=20)[0].decode())
+    assert [p["delay"] for _, p in replay.applied] == ["5ms", "40ms"], replay.applied
+    t_40ms = replay.applied[1][0]
+    assert t_40ms >= t0 + 1.0  # not before its time in the trace
     before = [ms for t, ms in samples if t < t0 + 0.9]
-    after = [ms for t, ms in samples if t > t0 + 1.2]
+    after = [ms for t, ms in samples if t > t_40ms + 0.1]
     assert before and after, samples
     assert statistics.median(before) < 15 and min(after) > 75, (before, after)
 
 
+# The relay's own timing in an emulated (TCG) guest is the emulator's, not the relay's: these
+# two run on the host (where auto picks the relay anyway).
+@pytest.mark.guest_heavy
 def test_one_relay_process_serves_many_links_and_keeps_them_apart(tiny):
     # Six shaped links, one relay process per CPU (at most 2 here): links share processes.
-    net = tiny(clients=6, delay="2ms", bw=50)
+    net = tiny(backend="relay", clients=6, delay="2ms", bw=50)
     procs = {x: p.pid for x, p in net.links.procs.items()}
     assert len(procs) == 6 and len(set(procs.values())) < 6, procs
     net.set_link("c1", "s1", delay="20ms")  # only c1's link changes
@@ -177,9 +195,10 @@ def test_one_relay_process_serves_many_links_and_keeps_them_apart(tiny):
     assert after["c3-s1"]["params"]["up"]["delay_ms"] == 2
 
 
+@pytest.mark.guest_heavy
 def test_one_process_per_link_is_still_selectable(tiny, monkeypatch):
     monkeypatch.setenv("SLEDGE_RELAY_PROCESSES", "0")
-    net = tiny(clients=3, delay="5ms")
+    net = tiny(backend="relay", clients=3, delay="5ms")
     assert len({p.pid for p in net.links.procs.values()}) == 3
     r = ping(net.net.get("c2"), net.net.get("srv").IP(), 50)
     assert r["lost"] == 0 and abs(r["rtt_ms"] - 10.0) <= 1.0, r

@@ -84,10 +84,12 @@ class Direction:
             out["max_queue_size"] = packets
         return out
 
-    def netem_args(self) -> str:
-        """The netem part of `tc qdisc change ... netem <args>` for this direction."""
+    def netem_args(self, loss: float | None = None) -> str:
+        """The netem part of `tc qdisc change ... netem <args>` for this direction; `loss`
+        (a fraction) in place of the model's, for a cut link."""
         packets = self.queue_packets()
-        return (f"delay {self.delay_ms:.12g}ms {self.jitter_ms:.12g}ms loss {self.loss * 100:.5f}%"
+        loss = self.loss if loss is None else loss
+        return (f"delay {self.delay_ms:.12g}ms {self.jitter_ms:.12g}ms loss {loss * 100:.5f}%"
                 + (f" limit {packets}" if packets is not None else ""))
 
     @classmethod

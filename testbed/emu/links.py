@@ -119,19 +119,31 @@ class LinkBackend:
     def link_up(self, a: str, b: str) -> None:
         self.set_status(self._key(a, b)[0], True)
 
-    def replay(self, a: str, b: str, trace_csv: str) -> threading.Thread:
+    def replay(self, a: str, b: str, trace_csv: str) -> TraceThread:
         """Apply a CSV trace (column `time_s`, then Mininet link keys) in a daemon thread."""
         rows = load_trace(trace_csv)
+        th = TraceThread(name=f"trace {a}-{b}", daemon=True)
 
         def run() -> None:
             t0 = time.monotonic()
             for t, params in rows:
                 time.sleep(max(0.0, t0 + t - time.monotonic()))
                 self.set_link(a, b, **params)
+                th.applied.append((time.time(), params))
 
-        th = threading.Thread(target=run, name=f"trace {a}-{b}", daemon=True)
+        th.run = run  # type: ignore[method-assign]
         th.start()
         return th
+
+
+class TraceThread(threading.Thread):
+    """A trace being replayed. `applied`: (wall-clock time the row was in effect, its params)
+    per row so far; a row takes effect when the backend's change returns, which on a slow
+    host (the netem backend goes through each node's shell) is later than its `time_s`."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.applied: list[tuple[float, dict[str, Any]]] = []
 
 
 _FIELD = {"bw": "bw_mbit", "delay": "delay_ms", "jitter": "jitter_ms", "loss": "loss",
@@ -191,6 +203,7 @@ class NetemBackend(LinkBackend):
     def __init__(self) -> None:
         super().__init__()
         self._last: dict[tuple[str, str], dict[str, int]] = {}
+        self._down: set[tuple[str, str]] = set()   # links cut by link_down
 
     def prepare(self, topo: Topo) -> Topo:
         for n1, n2, info in topo.links(sort=True, withInfo=True):
@@ -218,11 +231,21 @@ class NetemBackend(LinkBackend):
                 intf.tc(f"%s class change dev %s parent 5:0 classid 5:1 htb rate {d.bw_mbit}Mbit "
                         "burst 15k")
             parent = "parent 5:1" if d.bw_mbit else "root"
-            intf.tc(f"%s qdisc change dev %s {parent} handle 10: netem {d.netem_args()}")
+            # A cut link keeps its model and loses every frame until it is up again.
+            netem = d.netem_args(loss=1.0 if key in self._down else None)
+            # Mininet's Intf.tc() %-formats the command: the loss percent must be escaped.
+            intf.tc(f"%s qdisc change dev %s {parent} handle 10: netem "
+                    + netem.replace("%", "%%"))
 
     def set_status(self, key: tuple[str, str], up: bool) -> None:
-        for intf in self._intfs(key):
-            intf.ifconfig("up" if up else "down")
+        # A cut is 100 % loss, not `ifconfig down`: the interfaces stay up, so the hosts keep
+        # their routes and addresses and traffic simply stops, as it does through the relay
+        # (a downed interface makes senders fail at once with "Network is unreachable").
+        if up:
+            self._down.discard(key)
+        else:
+            self._down.add(key)
+        self.apply(key, self.params[key])
 
     def stats(self, window: bool = False) -> dict[str, dict]:
         """Every shaped link's netem qdisc counters by link ("a-b") and direction: frames and

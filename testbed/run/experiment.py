@@ -293,7 +293,7 @@ class Experiment:
             # are built; the first node it starts waits for it.
             self.launcher = make_launcher(cfg.run.launcher, preimport=tuple(
                 r for r in (cfg.model.name, cfg.data.dataset, cfg.scheme.name)
-                if is_reference(r)))
+                if is_reference(r)), start_timeout_s=cfg.timeouts.start_s)
             if self.loopback:
                 console.print("[yellow]loopback network: no emulation, all nodes on 127.0.0.1 "
                               f"(ports from {cfg.net.port})")

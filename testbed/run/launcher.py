@@ -237,13 +237,15 @@ def node_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def make_launcher(kind: str, preimport: tuple[str, ...] = ()) -> Launcher:
+def make_launcher(kind: str, preimport: tuple[str, ...] = (),
+                  start_timeout_s: float = 120.0) -> Launcher:
     """`preimport`: references to the user's code (model, data set, scheme) that a zygote
-    imports once before it forks the nodes."""
+    imports once before it forks the nodes; `start_timeout_s`: how long its warm-up may take
+    (the run's `timeouts.start_s`: an emulated guest imports torch in a minute or more)."""
     if kind == "popen":
         return PopenLauncher()
     if kind == "zygote":
-        return ZygoteLauncher(preimport=preimport)
+        return ZygoteLauncher(start_timeout_s=start_timeout_s, preimport=preimport)
     raise ValueError(f"launcher {kind!r} is unknown; valid: popen, zygote")
 
 
