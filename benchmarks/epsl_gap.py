@@ -4,9 +4,9 @@
 Runs PSL and EPSL (phi=1 by default) with each given epsl_bp_mode on topologies/tiny.py over
 the loopback network (real node processes and ZeroMQ, no emulation: accuracy does not depend
 on the links), one run at a time, with the library's defaults otherwise: Fashion-MNIST (6000
-training, 2000 test samples), 5 IID clients, smallcnn cut after conv2, batch 32, SGD lr 0.05
-and momentum 0.9, one local epoch a round (38 steps). Test accuracy is the run's own: the
-mean over the clients' models after each round.
+training, 2000 test samples), 5 IID clients, smallcnn cut after conv2 (--cut conv1: the
+clients hold less), batch 32, SGD lr 0.05 and momentum 0.9, one local epoch a round (38
+steps). Test accuracy is the run's own: the mean over the clients' models after each round.
 
 Every run's accuracy per round is kept in the JSON file (--out); a run already there with at
 least --rounds rounds is not run again, so seeds and modes can be added one call at a time.
@@ -19,6 +19,7 @@ What it does not do: no learning-rate decay (sledge has none), so "at convergenc
 the defaults (the seed paper's 0.46 points is ResNet-18 on HAM10000).
 
     .venv/bin/python benchmarks/epsl_gap.py --labels psl last_layer --seeds 0 1 2 --rounds 60
+    .venv/bin/python benchmarks/epsl_gap.py --labels psl last_layer --rounds 20 --cut conv1
     .venv/bin/python benchmarks/epsl_gap.py --report 20 60      # the tables only, no run
 """
 
@@ -43,8 +44,9 @@ def scheme_of(label: str, phi: float) -> tuple[str, dict[str, Any]]:
     return ("psl", {}) if label == "psl" else ("epsl", {"phi": phi, "epsl_bp_mode": label})
 
 
-def key(label: str, phi: float, seed: int) -> str:
-    return f"psl/seed{seed}" if label == "psl" else f"{label}/phi{phi:g}/seed{seed}"
+def key(label: str, phi: float, seed: int, cut: str = "conv2") -> str:
+    k = f"psl/seed{seed}" if label == "psl" else f"{label}/phi{phi:g}/seed{seed}"
+    return k if cut == "conv2" else f"{k}/cut-{cut}"
 
 
 def run_one(label: str, phi: float, seed: int, a: argparse.Namespace) -> dict[str, Any]:
@@ -56,12 +58,13 @@ def run_one(label: str, phi: float, seed: int, a: argparse.Namespace) -> dict[st
     topo, _ = load_topology(TINY, params={"clients": a.clients})
     with tempfile.TemporaryDirectory(prefix="epsl_gap-") as out_dir:
         cfg = RunConfig.from_dict(dict(name=f"gap-{label}", scheme=scheme, rounds=a.rounds,
-                                       seed=seed, out_dir=out_dir, scheme_options=options))
+                                       seed=seed, out_dir=out_dir, scheme_options=options,
+                                       cuts=[a.cut]))
         t0 = time.perf_counter()
         exp = Experiment(cfg, topo, topology=TINY, loopback=True, quiet=True)
         exp.run()
         return {"label": label, "scheme": scheme, "options": options, "seed": seed,
-                "clients": a.clients, "rounds": len(exp.rounds),
+                "clients": a.clients, "cut": a.cut, "rounds": len(exp.rounds),
                 "acc": [100.0 * r["test_acc"] for r in exp.rounds],
                 "train_loss": [r["train_loss"] for r in exp.rounds],
                 "wall_s": round(time.perf_counter() - t0, 1)}
@@ -84,12 +87,13 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.fmean(xs):.2f} ± {sd:.2f}"
 
 
-def table(runs: dict[str, dict], phi: float, r: int) -> str:
+def table(runs: dict[str, dict], phi: float, r: int, cut: str = "conv2") -> str:
     """Markdown: per label, seeds with at least r rounds, accuracy after round r, the mean of
-    rounds r-4..r, and both gaps to PSL of the same seed."""
+    rounds r-4..r, and both gaps to PSL of the same seed (runs with this cut only)."""
+    runs = {k: v for k, v in runs.items() if v.get("cut", "conv2") == cut}
     psl = {v["seed"]: v for v in runs.values() if v["label"] == "psl" and v["rounds"] >= r}
     labels = ["psl"] + sorted({v["label"] for v in runs.values() if v["label"] != "psl"})
-    lines = [f"after round {r} (phi = {phi:g}; mean ± std over seeds)", "",
+    lines = [f"after round {r} (phi = {phi:g}, cut after {cut}; mean ± std over seeds)", "",
              f"| label | seeds | acc. | mean of rounds {max(1, r - 4)}-{r} | gap | "
              "gap (mean of 5) |", "| --- | --- | --- | --- | --- | --- |"]
     for label in labels:
@@ -118,6 +122,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--phi", type=float, default=1.0)
     p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--cut", default="conv2", help="smallcnn unit the clients end with")
     p.add_argument("--report", nargs="*", type=int, default=None,
                    help="rounds to tabulate (default: 20 and --rounds)")
     p.add_argument("--adopt", nargs=3, action="append", default=[],
@@ -143,7 +148,7 @@ def main() -> None:
         save()
     for seed in a.seeds:
         for label in a.labels:
-            k = key(label, a.phi, seed)
+            k = key(label, a.phi, seed, a.cut)
             if k in runs and runs[k]["rounds"] >= a.rounds:
                 continue
             print(f"running {k} for {a.rounds} rounds ...", file=sys.stderr, flush=True)
@@ -152,7 +157,7 @@ def main() -> None:
                   f"({runs[k]['wall_s']} s)", file=sys.stderr, flush=True)
             save()
     for r in a.report if a.report is not None else sorted({20, a.rounds}):
-        print(table(runs, a.phi, r) + "\n")
+        print(table(runs, a.phi, r, a.cut) + "\n")
 
 
 if __name__ == "__main__":

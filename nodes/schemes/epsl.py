@@ -24,6 +24,9 @@ Options ([D] in the spec), besides PSL's client_grad_scale and u_shaped:
     is PSL's); the gradients at its input are summed over clients at the aggregated
     positions and go on through the representative's activations (the aggregation at "the
     last layer" taken literally); the b rows count the rest of the server's BP;
+  last_layer_unbiased: the server as last_layer; each client gets N times last_layer's
+    shared row (the sum over clients instead of their mean, so its own error has PSL's
+    weight; the server's step is not scaled);
   label_matched: the N*k_a aggregated samples are grouped by label instead of by position
     (sorted by label, cut into k_a groups of N), each group's sum back-propagated through one
     member's activations; the k_a shared rows are broadcast and each client is told which
