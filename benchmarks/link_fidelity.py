@@ -15,6 +15,13 @@ the relay at 0 ms - RTT without it) / 2 (a round trip passes the relay twice); R
 delay against the target max(3 %, 0.3 ms).
 
     sudo .venv/bin/python benchmarks/link_fidelity.py --near-zero
+
+--guest: the grid twice from one command, side by side: on this machine's backend (the relay
+where the kernel has no netem) and with netem in a Debian guest booted by scripts/vm.sh (build
+its image first). The host's idle CPU while the guest ran is noted: netem in an emulated guest
+on a loaded host is a second measurement, not ground truth.
+
+    sudo .venv/bin/python benchmarks/link_fidelity.py --guest
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 from testbed.emu.capabilities import probe
@@ -111,10 +120,14 @@ def main() -> int:
     ap.add_argument("--iperf-s", type=float, default=4.0)
     ap.add_argument("--near-zero", action="store_true",
                     help="measure the relay's per-pass latency and RTT error at 0-2 ms")
+    ap.add_argument("--guest", action="store_true",
+                    help="this machine's backend and netem in a scripts/vm.sh guest, side by side")
     a = ap.parse_args()
     if a.near_zero:
         return near_zero(a.pings, os.path.join(ROOT, "benchmarks", "results",
                                                "link_fidelity_near_zero.json"))
+    if a.guest:
+        return side_by_side(a)
     caps = probe()
     rows = []
     t0 = time.time()
@@ -142,6 +155,48 @@ def main() -> int:
               f"| {r['rtt_err_ms']:+.2f} | {r['goodput_mbit']:.2f} | {r['goodput_ratio']:.3f} "
               f"| {missed} | {r['fidelity']} |")
     print(f"\nwritten: {a.out}")
+    return 0
+
+
+def side_by_side(a: argparse.Namespace) -> int:
+    """The grid here, then in a guest (scripts/vm.sh run), one table of both."""
+    results = os.path.join(ROOT, "benchmarks", "results")
+    here_out = os.path.join(results, "link_fidelity_host.json")
+    grid = [sys.executable, os.path.abspath(__file__), "--pings", str(a.pings),
+            "--iperf-s", str(a.iperf_s)]
+    if subprocess.run([*grid, "--out", here_out]).returncode != 0:
+        return 1
+    with tempfile.TemporaryDirectory(prefix="sledge-lf-") as tmp:
+        inner = (f".venv/bin/python benchmarks/link_fidelity.py --pings {a.pings} "
+                 f"--iperf-s {a.iperf_s} --out \"$SLEDGE_VM_OUT/guest.json\"")
+        with watch_host() as host:  # the emulator's own load on this machine
+            rc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "vm.sh"), "run", "--out",
+                                 tmp, "--", "bash", "-c", inner]).returncode
+        if rc != 0:
+            print(f"the guest run failed (vm.sh exit code {rc}): docs/vm.md", file=sys.stderr)
+            return rc
+        with open(os.path.join(tmp, "guest.json")) as f:
+            guest = json.load(f)
+    guest["host_while_guest_ran"] = host
+    with open(os.path.join(results, "link_fidelity_guest.json"), "w") as f:
+        json.dump(guest, f, indent=2)
+    with open(here_out) as f:
+        here = json.load(f)
+    print(f"\nleft: {here['backend']} on this machine; right: {guest['backend']} in a TCG guest "
+          f"(this machine's idle CPU while it ran: min {host['idle_min']:.0%}, "
+          f"verdict {host['verdict']})\n")
+    print("| bw Mbit/s | delay ms | RTT cfg ms | RTT err ms (here / guest) | goodput ratio "
+          "(here / guest) | targets missed (here / guest) | verdict (here / guest) |")
+    print("|---|---|---|---|---|---|---|")
+    for h, g in zip(here["rows"], guest["rows"], strict=True):
+        def missed(r: dict) -> str:
+            return ", ".join(k for k, ok in (("RTT", r["rtt_ok"]), ("goodput", r["goodput_ok"]))
+                             if not ok) or "none"
+        print(f"| {h['bw_mbit']} | {h['delay_ms']} | {h['rtt_cfg_ms']:.1f} | "
+              f"{h['rtt_err_ms']:+.2f} / {g['rtt_err_ms']:+.2f} | "
+              f"{h['goodput_ratio']:.3f} / {g['goodput_ratio']:.3f} | "
+              f"{missed(h)} / {missed(g)} | {h['fidelity']} / {g['fidelity']} |")
+    print(f"\nwritten: {here_out}, {os.path.join(results, 'link_fidelity_guest.json')}")
     return 0
 
 

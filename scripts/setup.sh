@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# python3-yaml and python3-pyparsing: the venv sees system site-packages, so pip takes these
+# from Debian when present; naming them makes every machine (and scripts/vm.sh's guest, which
+# reads this list) resolve the same way.
 APT_PKGS=(mininet iperf3 iproute2 bridge-utils iputils-ping ethtool procps
-          python3-venv python3-dev dataset-fashion-mnist chromium)
+          python3-venv python3-dev python3-yaml python3-pyparsing dataset-fashion-mnist chromium)
 TORCH_VERSION=${SLEDGE_TORCH_VERSION:-2.13.0}
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -2,51 +2,69 @@
 # scripts/vm.sh — a Debian 12 QEMU guest with the stock Debian kernel (netem, Open vSwitch).
 #
 # What it does:
+#   setup        install the host packages it needs (QEMU, debootstrap), only those missing.
 #   build        build (or reuse) a cached guest image from Debian packages only: debootstrap
 #                minbase bookworm from the host's configured Debian mirror, ext4 -> qcow2. The
-#                cache key is a hash of the package list and this script; a changed input builds
-#                a new image. Needs root (debootstrap, chroot).
-#   run -- CMD   boot one guest on a throw-away overlay of the image (2 vCPU, 2 GiB), run CMD as
-#                root in the project directory inside the guest, stream its output here, exit
-#                with CMD's exit code, power the guest off and delete the overlay.
-#                The project directory (with its .venv; same Debian Python as the guest) is shared
-#                read-only over 9p at the same absolute path, so the venv works unchanged.
+#                cache key is a hash of the package list and the build steps; a changed input
+#                builds a new image. Needs root (debootstrap, chroot).
+#   run [--out DIR] -- CMD
+#                boot one guest on a throw-away overlay of the image (2 vCPU, 2 GiB), run CMD as
+#                root in the project directory inside the guest, stream its output here, copy
+#                what CMD wrote to $SLEDGE_VM_OUT into DIR, exit with CMD's exit code, power
+#                the guest off and delete the overlay. The project directory (with its .venv;
+#                same Debian Python as the guest) is shared read-only over 9p at the same
+#                absolute path, so the venv works unchanged.
+#   test [--out DIR]
+#                `run` the network tests that need netem / Open vSwitch (GUEST_TESTS below).
+#   packages, tests
+#                print the guest's package list / test list (the Vagrantfile uses both).
 #
 # What it does not: no guest network at all (no tap, bridge, NAT or forwarding), no package
-# install on the host (it names what is missing), no multi-guest runs yet, no KVM on hosts
+# install on the host except `setup`, no multi-guest runs yet, no KVM on hosts
 # without real hardware virtualisation (it uses QEMU's TCG emulator there: slow but works).
 #
-# Exit codes: CMD's own code after `run`; 0 for a good `build`; 2 bad arguments;
-#   3 cannot run here (QEMU/host tools missing, no image, not root for build);
-#   4 the guest did not report a result (crash, boot failure, timeout: SLEDGE_VM_TIMEOUT s).
+# Exit codes: CMD's own code after `run`/`test`; 0 for a good `build`; 2 bad arguments;
+#   77 cannot run here (QEMU/host tools missing, no image, not root for build; automake's
+#   "skipped" code, which no test runner uses for a failure);
+#   76 the guest did not report a result (crash, boot failure, timeout: SLEDGE_VM_TIMEOUT s).
 #
-# Environment: SLEDGE_VM_CACHE (default /var/cache/sledge-vm), SLEDGE_VM_TIMEOUT (default 3600),
+# Environment: SLEDGE_VM_CACHE (default build/vm in the project, git-ignored),
+#   SLEDGE_VM_TIMEOUT (default 3600),
 #   SLEDGE_VM_MEM (MiB, default 2048), SLEDGE_VM_CPUS (default 2).
 set -euo pipefail
 
 PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CACHE=${SLEDGE_VM_CACHE:-/var/cache/sledge-vm}
+CACHE=${SLEDGE_VM_CACHE:-$PROJECT/build/vm}
 TIMEOUT=${SLEDGE_VM_TIMEOUT:-3600}
 MEM=${SLEDGE_VM_MEM:-2048}
 CPUS=${SLEDGE_VM_CPUS:-2}
 SUITE=bookworm
 
-PACKAGES="systemd-sysv udev kmod iproute2 iputils-ping procps openvswitch-switch
-openvswitch-testcontroller mininet iperf3 python3 python3-distutils sudo
-linux-image-amd64 initramfs-tools ethtool"
+# What a guest needs beyond a bare machine (kernel, init, Open vSwitch, SSH for the cluster
+# edition), then scripts/setup.sh's own list, so the host's venv finds the same system packages
+# in the guest. chromium (report screenshots) stays out: 300 MB the guest never uses.
+GUEST_PACKAGES="systemd-sysv udev kmod linux-image-amd64 initramfs-tools openvswitch-switch
+openvswitch-testcontroller python3 python3-distutils sudo openssh-server openssh-client"
+setup_packages() {
+    sed -n '/^APT_PKGS=(/,/)/p' "$PROJECT/scripts/setup.sh" | sed 's/APT_PKGS=(//; s/)//' \
+        | tr -s ' \n' '\n' | grep -vx -e chromium -e ''
+}
+PACKAGES="$GUEST_PACKAGES $(setup_packages | tr '\n' ' ')"
 
 die() { echo "vm.sh: $2" >&2; exit "$1"; }
-usage() { die 2 "usage: scripts/vm.sh build | run -- CMD [ARGS...]"; }
+usage() { die 2 "usage: scripts/vm.sh packages | tests | setup | build | run [--out DIR] -- CMD [ARGS...] | test [--out DIR]"; }
 
+# The key covers what goes into the image (packages, suite, the build steps), not the rest of
+# this script, so editing `run` does not cost a rebuild.
 image_key() {
-    { printf '%s\n' "$PACKAGES" "$SUITE"; cat "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-16
+    { printf '%s\n' "$PACKAGES" "$SUITE"; declare -f cmd_build; } | sha256sum | cut -c1-16
 }
 
 need_tools() {
     local missing=() t
     for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
     if ((${#missing[@]})); then
-        die 3 "cannot run here: missing ${missing[*]} (apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils debootstrap e2fsprogs)"
+        die 77 "cannot run here: missing ${missing[*]} (apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils debootstrap e2fsprogs)"
     fi
 }
 
@@ -58,9 +76,10 @@ mirror() {
 }
 
 # ---------------------------------------------------------------- build
-BUILD_ROOT=""
+BUILD_ROOT="" BUILD_PID=""
 build_cleanup() {
     local d
+    if [[ -n $BUILD_PID ]]; then kill -- "-$BUILD_PID" 2>/dev/null || true; sleep 1; fi
     if [[ -n $BUILD_ROOT ]]; then
         for d in dev/pts dev sys proc; do
             mountpoint -q "$BUILD_ROOT/rootfs/$d" 2>/dev/null && umount -l "$BUILD_ROOT/rootfs/$d"
@@ -72,7 +91,7 @@ build_cleanup() {
 
 cmd_build() {
     need_tools debootstrap mkfs.ext4 qemu-img chroot
-    [[ $(id -u) -eq 0 ]] || die 3 "cannot build here: debootstrap needs root"
+    [[ $(id -u) -eq 0 ]] || die 77 "cannot build here: debootstrap needs root"
     local key img
     key=$(image_key)
     img=$CACHE/$key
@@ -86,9 +105,14 @@ cmd_build() {
     trap 'exit 130' INT TERM
     local root=$BUILD_ROOT/rootfs t0=$SECONDS
     echo "vm.sh: debootstrap $SUITE from $(mirror) ..." >&2
-    debootstrap --variant=minbase --include="$(echo "$PACKAGES" | tr -s ' \n' ',' | sed 's/,$//')" \
-        "$SUITE" "$root" "$(mirror)" >"$BUILD_ROOT/debootstrap.log" 2>&1 \
-        || { tail -20 "$BUILD_ROOT/debootstrap.log" >&2; die 1 "debootstrap failed"; }
+    # In its own process group and waited for, so an INT/TERM stops it (bash runs traps only
+    # between foreground commands) and build_cleanup can kill what it started.
+    setsid debootstrap --variant=minbase \
+        --include="$(echo "$PACKAGES" | tr -s ' \n' ',' | sed 's/,$//')" \
+        "$SUITE" "$root" "$(mirror)" >"$BUILD_ROOT/debootstrap.log" 2>&1 &
+    BUILD_PID=$!
+    wait "$BUILD_PID" || { tail -20 "$BUILD_ROOT/debootstrap.log" >&2; die 1 "debootstrap failed"; }
+    BUILD_PID=""
     echo "vm.sh: debootstrap done in $((SECONDS - t0)) s" >&2
 
     echo sledge-vm >"$root/etc/hostname"
@@ -111,8 +135,10 @@ cmd_build() {
 set -u
 proj=$(sed -n 's/.*sledge.proj=\([^ ]*\).*/\1/p' /proc/cmdline)
 mkdir -p /run/sledge "$proj"
-mount -t 9p -o trans=virtio,version=9p2000.L run /run/sledge
-mount -t 9p -o trans=virtio,version=9p2000.L,ro proj "$proj"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 run /run/sledge
+# Read-only, so caching is safe: importing torch is thousands of small reads, each a round
+# trip through an emulated device without it.
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 proj "$proj"
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 rc=255
 if [ -r /run/sledge/cmd ]; then
@@ -187,17 +213,27 @@ accel_args() {
 }
 
 cmd_run() {
+    local outdir=""
+    while (($#)); do
+        case $1 in
+            --out) (($# >= 2)) || usage; outdir=$2; shift 2 ;;
+            --) shift; break ;;
+            *) break ;;
+        esac
+    done
     (($#)) || usage
     need_tools qemu-system-x86_64 qemu-img
     local img
     img=$CACHE/$(image_key)
-    [[ -f $img/base.qcow2 ]] || die 3 "cannot run here: no image at $img (run: sudo scripts/vm.sh build)"
+    [[ -f $img/base.qcow2 ]] || die 77 "cannot run here: no image at $img (run: sudo scripts/vm.sh build)"
     RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sgv-run.XXXXXX")
     trap run_cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
-    mkdir -p "$RUN_DIR/share"
-    { printf 'exec'; printf ' %q' "$@"; printf '\n'; } >"$RUN_DIR/share/cmd"
+    mkdir -p "$RUN_DIR/share/out"
+    # The command sees SLEDGE_VM_OUT, a writable folder that comes back to --out DIR.
+    { printf 'export SLEDGE_VM_OUT=/run/sledge/out\nexec'; printf ' %q' "$@"; printf '\n'; } \
+        >"$RUN_DIR/share/cmd"
     : >"$RUN_DIR/out"
     qemu-img create -q -f qcow2 -b "$img/base.qcow2" -F qcow2 "$RUN_DIR/overlay.qcow2"
     local t0=$SECONDS accel
@@ -239,18 +275,63 @@ cmd_run() {
         if grep -q . "$RUN_DIR/qemu.log"; then head -5 "$RUN_DIR/qemu.log" >&2; fi
         tail -15 "$RUN_DIR/console.log" >&2 2>/dev/null || true
         if ((waited < 60)) && ((qrc != 0)); then
-            die 3 "cannot run here: QEMU exited with $qrc after ${waited} s"
+            die 77 "cannot run here: QEMU exited with $qrc after ${waited} s"
         fi
-        die 4 "the guest reported no result after $((SECONDS - t0)) s"
+        die 76 "the guest reported no result after $((SECONDS - t0)) s"
     fi
     local rc
     rc=$(cat "$RUN_DIR/share/rc")
+    if [[ -n $outdir ]]; then
+        mkdir -p "$outdir"
+        cp -r "$RUN_DIR/share/out/." "$outdir/"
+        echo "vm.sh: the guest's files are in $outdir" >&2
+    fi
     echo "vm.sh: guest run took $((SECONDS - t0)) s, command exit code $rc" >&2
     exit "$rc"
 }
 
+# ---------------------------------------------------------------- setup / test
+HOST_PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs)
+cmd_setup() {
+    [[ $(id -u) -eq 0 ]] || die 77 "cannot set up here: apt-get needs root"
+    local p missing=()
+    for p in "${HOST_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    echo "vm.sh: apt-get install ${missing[*]}" >&2
+    # Only what is missing, and nothing upgraded with it.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        --no-upgrade "${missing[@]}" >/dev/null || die 77 "cannot set up here: apt-get failed"
+}
+
+# The network tests that run in the guest, where the kernel has netem and Open vSwitch, so
+# `auto` picks the netem backend and OVS bridges: link emulation, the fidelity monitor's netem
+# counters, OVS topologies, PSL's bytes on the wire, two schemes, a cut routed around (a netem
+# cut) and a handover (OVS port moves). TCG makes a training run take minutes, so the rest of
+# the scheme and PSL files stay on the host, and tests marked `guest_heavy` (the relay's own
+# timing) are left out.
+GUEST_TESTS=(tests/test_links_over_mininet.py tests/test_fidelity_over_mininet.py
+             tests/test_topologies_over_mininet.py
+             tests/test_psl_over_mininet.py::test_psl_trains_over_mininet_and_writes_results
+             tests/test_psl_over_mininet.py::test_client_protocol_bytes_equal_activation_sizes_plus_headers
+             tests/test_psl_over_mininet.py::test_kernel_interface_counters_agree_with_protocol_bytes
+             tests/test_schemes_over_mininet.py::test_epsl_over_mininet_backprops_b_phi_plus_m_one_minus_phi_vectors
+             tests/test_schemes_over_mininet.py::test_sflv1_over_mininet_leaves_every_client_the_average_and_computes_fedavg
+             tests/test_scenario_over_mininet.py tests/test_migration_over_mininet.py)
+cmd_test() {
+    cmd_run "$@" -- .venv/bin/python -m pytest -q -ra -p no:cacheprovider \
+        -m "net and not guest_heavy" --durations=10 "${GUEST_TESTS[@]}"
+}
+
 case ${1:-} in
+    # The Vagrantfile provisions with the same packages and runs the same tests.
+    packages) (($# == 1)) || usage; echo $PACKAGES ;;
+    tests) (($# == 1)) || usage; echo "${GUEST_TESTS[@]}" ;;
+    setup) (($# == 1)) || usage; cmd_setup ;;
     build) (($# == 1)) || usage; cmd_build ;;
-    run) shift; [[ ${1:-} == -- ]] && shift; cmd_run "$@" ;;
+    run) shift; cmd_run "$@" ;;
+    test) shift; cmd_test "$@" ;;
     *) usage ;;
-esac
+esac; exit "$?"  # on this line: bash reads a script as it runs, so an edit to this file
+                 # during a long build or run must not be read as the next command
