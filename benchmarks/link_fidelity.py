@@ -149,13 +149,17 @@ def main() -> int:
           "targets missed | verdict |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        missed = ", ".join(k for k, ok in (("RTT", r["rtt_ok"]), ("goodput", r["goodput_ok"]))
-                           if not ok) or "none"
         print(f"| {r['bw_mbit']} | {r['delay_ms']} | {r['rtt_cfg_ms']:.1f} | {r['rtt_ms']:.2f} "
               f"| {r['rtt_err_ms']:+.2f} | {r['goodput_mbit']:.2f} | {r['goodput_ratio']:.3f} "
-              f"| {missed} | {r['fidelity']} |")
+              f"| {missed(r)} | {r['fidelity']} |")
     print(f"\nwritten: {a.out}")
     return 0
+
+
+def missed(r: dict) -> str:
+    """A grid row's targets not met."""
+    return ", ".join(k for k, ok in (("RTT", r["rtt_ok"]), ("goodput", r["goodput_ok"]))
+                     if not ok) or "none"
 
 
 def side_by_side(a: argparse.Namespace) -> int:
@@ -189,9 +193,6 @@ def side_by_side(a: argparse.Namespace) -> int:
           "(here / guest) | targets missed (here / guest) | verdict (here / guest) |")
     print("|---|---|---|---|---|---|---|")
     for h, g in zip(here["rows"], guest["rows"], strict=True):
-        def missed(r: dict) -> str:
-            return ", ".join(k for k, ok in (("RTT", r["rtt_ok"]), ("goodput", r["goodput_ok"]))
-                             if not ok) or "none"
         print(f"| {h['bw_mbit']} | {h['delay_ms']} | {h['rtt_cfg_ms']:.1f} | "
               f"{h['rtt_err_ms']:+.2f} / {g['rtt_err_ms']:+.2f} | "
               f"{h['goodput_ratio']:.3f} / {g['goodput_ratio']:.3f} | "

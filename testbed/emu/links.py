@@ -122,7 +122,6 @@ class LinkBackend:
     def replay(self, a: str, b: str, trace_csv: str) -> TraceThread:
         """Apply a CSV trace (column `time_s`, then Mininet link keys) in a daemon thread."""
         rows = load_trace(trace_csv)
-        th = TraceThread(name=f"trace {a}-{b}", daemon=True)
 
         def run() -> None:
             t0 = time.monotonic()
@@ -131,7 +130,7 @@ class LinkBackend:
                 self.set_link(a, b, **params)
                 th.applied.append((time.time(), params))
 
-        th.run = run  # type: ignore[method-assign]
+        th = TraceThread(target=run, name=f"trace {a}-{b}", daemon=True)
         th.start()
         return th
 

@@ -179,7 +179,7 @@ class Experiment:
         try:
             plan = plan_run(self.cfg, self.scheme, self.topo, self.host_roles, self.limits,
                             self.cycles, run_id=self.run_id,
-                            control=f"ipc://{self._ctl_dir}/control", ip=self.network.ip,
+                            control=self.local_control, ip=self.network.ip,
                             checkpoint=self._node_checkpoint, topology=self.topology,
                             remote_control=self.remote_control)
         except PlanError as e:
@@ -190,6 +190,11 @@ class Experiment:
         self.parts, self.model_kwargs, self.iters = plan.parts, plan.model_kwargs, plan.iters
         self.data_links, self.shard_info = plan.data_links, plan.shard_info
         return plan
+
+    @property
+    def local_control(self) -> str:
+        """The ipc:// address of the controller's control socket, dialled by local nodes."""
+        return f"ipc://{self._ctl_dir}/control"
 
     @property
     def remote_control(self) -> str:
@@ -330,7 +335,7 @@ class Experiment:
             hosts = self.topo.hosts()
             self._plane = Plane(self._zctx, self.run_id, self.security.get("controller"),
                                 max_connections=2 * len(hosts) + 8)
-            self.control.open(self._plane, f"ipc://{self._ctl_dir}/control", hosts,
+            self.control.open(self._plane, self.local_control, hosts,
                               tcp=cfg.cluster.control)
             if self.on_start:
                 self.on_start(self)

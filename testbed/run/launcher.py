@@ -237,8 +237,8 @@ def node_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def make_launcher(kind: str, preimport: tuple[str, ...] = (),
-                  start_timeout_s: float = 120.0) -> Launcher:
+def make_launcher(kind: str, preimport: tuple[str, ...] = (), *,
+                  start_timeout_s: float) -> Launcher:
     """`preimport`: references to the user's code (model, data set, scheme) that a zygote
     imports once before it forks the nodes; `start_timeout_s`: how long its warm-up may take
     (the run's `timeouts.start_s`: an emulated guest imports torch in a minute or more)."""
