@@ -52,7 +52,7 @@ setup_packages() {
 PACKAGES="$GUEST_PACKAGES $(setup_packages | tr '\n' ' ')"
 
 die() { echo "vm.sh: $2" >&2; exit "$1"; }
-usage() { die 2 "usage: scripts/vm.sh packages | tests | setup | build | run [--out DIR] -- CMD [ARGS...] | test [--out DIR]"; }
+usage() { die 2 "usage: scripts/vm.sh packages | tests | setup | build | run [--out DIR] -- CMD [ARGS...] | test [--out DIR] | cluster [--out DIR] -- CMD [ARGS...] | cluster-test [--out DIR]"; }
 
 # The key covers what goes into the image (packages, suite, the build steps), not the rest of
 # this script, so editing `run` does not cost a rebuild.
@@ -212,6 +212,31 @@ accel_args() {
     fi
 }
 
+# start_guest DIR IMG CPUS MEM [QEMU ARGS...]: boot a guest on an overlay in DIR (its share in
+# DIR/share, console in DIR/console.log, the command's output in DIR/out) in the background;
+# its PID in GUEST_PID.
+GUEST_PID=""
+start_guest() {
+    local dir=$1 img=$2 cpus=$3 mem=$4 accel
+    shift 4
+    qemu-img create -q -f qcow2 -b "$img/base.qcow2" -F qcow2 "$dir/overlay.qcow2"
+    accel=$(accel_args)
+    # shellcheck disable=SC2086  # accel is a list of words
+    qemu-system-x86_64 $accel -smp "$cpus" -m "$mem" -display none -no-reboot \
+        -nodefaults -monitor none \
+        -kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
+        -append "root=/dev/vda rw console=ttyS0 quiet panic=-1 sledge.proj=$PROJECT" \
+        -drive "file=$dir/overlay.qcow2,if=virtio,format=qcow2" \
+        -fsdev "local,id=proj,path=$PROJECT,security_model=none,readonly=on" \
+        -device virtio-9p-pci,fsdev=proj,mount_tag=proj \
+        -fsdev "local,id=run,path=$dir/share,security_model=none" \
+        -device virtio-9p-pci,fsdev=run,mount_tag=run \
+        -chardev "file,id=con,path=$dir/console.log,append=on" -serial chardev:con \
+        -chardev "file,id=res,path=$dir/out,append=on" -serial chardev:res \
+        "$@" </dev/null >"$dir/qemu.log" 2>&1 &
+    GUEST_PID=$!
+}
+
 cmd_run() {
     local outdir=""
     while (($#)); do
@@ -235,23 +260,9 @@ cmd_run() {
     { printf 'export SLEDGE_VM_OUT=/run/sledge/out\nexec'; printf ' %q' "$@"; printf '\n'; } \
         >"$RUN_DIR/share/cmd"
     : >"$RUN_DIR/out"
-    qemu-img create -q -f qcow2 -b "$img/base.qcow2" -F qcow2 "$RUN_DIR/overlay.qcow2"
-    local t0=$SECONDS accel
-    accel=$(accel_args)
-    # shellcheck disable=SC2086  # accel is a list of words
-    qemu-system-x86_64 $accel -smp "$CPUS" -m "$MEM" -display none -no-reboot \
-        -nodefaults -monitor none \
-        -kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
-        -append "root=/dev/vda rw console=ttyS0 quiet panic=-1 sledge.proj=$PROJECT" \
-        -drive "file=$RUN_DIR/overlay.qcow2,if=virtio,format=qcow2" \
-        -fsdev "local,id=proj,path=$PROJECT,security_model=none,readonly=on" \
-        -device virtio-9p-pci,fsdev=proj,mount_tag=proj \
-        -fsdev "local,id=run,path=$RUN_DIR/share,security_model=none" \
-        -device virtio-9p-pci,fsdev=run,mount_tag=run \
-        -chardev "file,id=con,path=$RUN_DIR/console.log,append=on" -serial chardev:con \
-        -chardev "file,id=res,path=$RUN_DIR/out,append=on" -serial chardev:res \
-        </dev/null >"$RUN_DIR/qemu.log" 2>&1 &
-    QPID=$!
+    local t0=$SECONDS
+    start_guest "$RUN_DIR" "$img" "$CPUS" "$MEM"
+    QPID=$GUEST_PID
     tail -n +1 -f "$RUN_DIR/out" &
     TPID=$!
     local waited=0
@@ -324,6 +335,158 @@ cmd_test() {
         -m "net and not guest_heavy" --durations=10 "${GUEST_TESTS[@]}"
 }
 
+# ---------------------------------------------------------------- two guests (cluster)
+# Two guests on a private host bridge, one tap each: guest 1 (10.213.7.1) runs the command, guest
+# 2 (10.213.7.2) is a Mininet cluster server. The bridge has no host address, IPv6 is off on it
+# and on the taps, nothing is routed or NATed: the /24 exists inside the bridge only. Root SSH
+# between the guests with a key made for this boot (UseDNS no). Device names have a fixed
+# prefix (slgbr0, slgtap0/1) and are removed on exit, with the two QEMU processes (by PID).
+CL_BR=slgbr0 CL_TAPS=(slgtap0 slgtap1) CL_NET=10.213.7
+CL_DIRS=() CL_PIDS=() CL_MADE=()
+cluster_cleanup() {
+    local p d
+    if [[ -n $TPID ]]; then kill "$TPID" 2>/dev/null || true; fi
+    for p in "${CL_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    ((${#CL_PIDS[@]})) && sleep 1
+    for p in "${CL_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for d in "${CL_MADE[@]}"; do ip link del "$d" 2>/dev/null || true; done
+    for d in "${CL_DIRS[@]}"; do rm -rf "$d"; done
+}
+
+# The guest side: address, names, SSH (the key from the share); then wait for the other guest.
+CL_PRELUDE='set -e
+me=$SLEDGE_VM_INDEX mac=52:54:00:d7:07:0$SLEDGE_VM_INDEX dev=
+for d in /sys/class/net/*; do if [ "$(cat "$d/address")" = "$mac" ]; then dev=${d##*/}; fi; done
+[ -n "$dev" ] || { echo "no interface with $mac" >&2; exit 1; }
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+# GRE tunnels (the cluster links) load ip_gre, which adds gre0/gretap0/erspan0 for good:
+# loaded first, so they are not counted as left behind by a test.
+modprobe ip_gre
+ip addr add "$SLEDGE_VM_NET.$me/24" dev "$dev" && ip link set "$dev" up
+printf "%s vm1\n%s vm2\n" "$SLEDGE_VM_NET.1" "$SLEDGE_VM_NET.2" >>/etc/hosts
+install -d -m 700 /root/.ssh
+install -m 600 /run/sledge/id /root/.ssh/id_ed25519
+install -m 600 /run/sledge/id.pub /root/.ssh/authorized_keys
+printf "Host *\n  StrictHostKeyChecking accept-new\n  LogLevel ERROR\n" >/root/.ssh/config
+mkdir -p /etc/ssh/sshd_config.d
+printf "UseDNS no\nPermitRootLogin prohibit-password\n" >/etc/ssh/sshd_config.d/sledge.conf
+systemctl restart ssh
+other=$SLEDGE_VM_NET.$((3 - me)) t0=$SECONDS
+until ssh -o BatchMode=yes -o ConnectTimeout=5 "root@$other" true 2>/dev/null; do
+    (( SECONDS - t0 < 900 )) || { echo "no SSH to $other after 900 s" >&2; exit 1; }
+    sleep 2
+done
+echo "guest $me: SSH to $other after $((SECONDS - t0)) s"
+set +e
+'
+
+# cluster [--out DIR] -- CMD: CMD in guest 1 with guest 2 as a cluster server; its environment
+# has SLEDGE_CLUSTER_SERVER (guest 2) and SLEDGE_CLUSTER_CONTROL (guest 1's own address).
+cmd_cluster() {
+    local outdir=""
+    while (($#)); do
+        case $1 in
+            --out) (($# >= 2)) || usage; outdir=$2; shift 2 ;;
+            --) shift; break ;;
+            *) break ;;
+        esac
+    done
+    (($#)) || usage
+    [[ $(id -u) -eq 0 ]] || die 77 "cannot run here: a host bridge and taps need root"
+    need_tools qemu-system-x86_64 qemu-img ip ssh-keygen
+    local img i d dir
+    img=$CACHE/$(image_key)
+    [[ -f $img/base.qcow2 ]] || die 77 "cannot run here: no image at $img (run: sudo scripts/vm.sh build)"
+    for d in "$CL_BR" "${CL_TAPS[@]}"; do
+        ! ip link show "$d" >/dev/null 2>&1 || die 77 "cannot run here: $d exists (another cluster run?)"
+    done
+    trap cluster_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    ip link add "$CL_BR" type bridge || die 77 "cannot run here: no bridge"
+    CL_MADE+=("$CL_BR")
+    sysctl -qw "net.ipv6.conf.$CL_BR.disable_ipv6=1"
+    for d in "${CL_TAPS[@]}"; do
+        ip tuntap add dev "$d" mode tap || die 77 "cannot run here: no tap device"
+        CL_MADE+=("$d")
+        sysctl -qw "net.ipv6.conf.$d.disable_ipv6=1"
+        ip link set "$d" master "$CL_BR" up
+    done
+    ip link set "$CL_BR" up
+    for i in 1 2; do
+        dir=$(mktemp -d "${TMPDIR:-/tmp}/sgv-cl$i.XXXXXX")
+        CL_DIRS+=("$dir")
+        mkdir -p "$dir/share/out"
+        : >"$dir/out"
+    done
+    ssh-keygen -q -t ed25519 -N '' -C "sledge-vm-$$" -f "${CL_DIRS[0]}/share/id"
+    cp "${CL_DIRS[0]}/share/id" "${CL_DIRS[0]}/share/id.pub" "${CL_DIRS[1]}/share/"
+    for i in 1 2; do
+        dir=${CL_DIRS[i - 1]}
+        {
+            printf 'export SLEDGE_VM_OUT=/run/sledge/out SLEDGE_VM_INDEX=%s SLEDGE_VM_NET=%s\n' \
+                "$i" "$CL_NET"
+            printf 'export SLEDGE_CLUSTER_SERVER=%s.2 SLEDGE_CLUSTER_CONTROL=%s.1\n' \
+                "$CL_NET" "$CL_NET"
+            printf '%s\n' "$CL_PRELUDE"
+            if ((i == 1)); then printf 'exec'; printf ' %q' "$@"; printf '\n'
+            else printf 'exec sleep infinity\n'; fi
+        } >"$dir/share/cmd"
+    done
+    local t0=$SECONDS
+    # The server first (1 vCPU: it runs one node and a forwarder), then guest 1.
+    start_guest "${CL_DIRS[1]}" "$img" 1 "${SLEDGE_VM_MEM2:-1536}" \
+        -netdev "tap,id=n0,ifname=${CL_TAPS[1]},script=no,downscript=no" \
+        -device "virtio-net-pci,netdev=n0,mac=52:54:00:d7:07:02"
+    CL_PIDS+=("$GUEST_PID")
+    start_guest "${CL_DIRS[0]}" "$img" "$CPUS" "$MEM" \
+        -netdev "tap,id=n0,ifname=${CL_TAPS[0]},script=no,downscript=no" \
+        -device "virtio-net-pci,netdev=n0,mac=52:54:00:d7:07:01"
+    CL_PIDS+=("$GUEST_PID")
+    local q1=$GUEST_PID q2=${CL_PIDS[0]} waited=0
+    tail -n +1 -f "${CL_DIRS[0]}/out" &
+    TPID=$!
+    while kill -0 "$q1" 2>/dev/null; do
+        if ((waited >= TIMEOUT)); then echo "vm.sh: guest 1 timed out after ${TIMEOUT} s" >&2; break; fi
+        kill -0 "$q2" 2>/dev/null || { echo "vm.sh: guest 2 stopped" >&2; break; }
+        sleep 1
+        waited=$((waited + 1))
+    done
+    sleep 0.5
+    kill "$TPID" 2>/dev/null || true
+    wait "$TPID" 2>/dev/null || true
+    TPID=""
+    if [[ -n $outdir ]]; then
+        mkdir -p "$outdir"
+        cp -r "${CL_DIRS[0]}/share/out/." "$outdir/"
+        mkdir -p "$outdir/guest2"
+        cp -r "${CL_DIRS[1]}/share/out/." "$outdir/guest2/"
+        cp "${CL_DIRS[1]}/out" "$outdir/guest2.out"
+        cp "${CL_DIRS[1]}/console.log" "$outdir/guest2.console.log" 2>/dev/null || true
+    fi
+    if [[ ! -s ${CL_DIRS[0]}/share/rc ]]; then
+        tail -15 "${CL_DIRS[0]}/console.log" >&2 2>/dev/null || true
+        echo "vm.sh: guest 2's output:" >&2
+        tail -20 "${CL_DIRS[1]}/out" >&2 2>/dev/null || true
+        die 76 "guest 1 reported no result after $((SECONDS - t0)) s"
+    fi
+    local rc
+    rc=$(cat "${CL_DIRS[0]}/share/rc")
+    if [[ $rc != 0 ]]; then
+        echo "vm.sh: guest 2's output (tail):" >&2
+        tail -20 "${CL_DIRS[1]}/out" >&2 2>/dev/null || true
+    fi
+    echo "vm.sh: two-guest run took $((SECONDS - t0)) s, command exit code $rc" >&2
+    exit "$rc"
+}
+
+# The test that needs two machines (Mininet's cluster edition), in two guests.
+CLUSTER_TESTS=(tests/test_cluster_over_mininet.py)
+cmd_cluster_test() {
+    cmd_cluster "$@" -- .venv/bin/python -m pytest -q -ra -p no:cacheprovider -m net \
+        --durations=5 "${CLUSTER_TESTS[@]}"
+}
+
 case ${1:-} in
     # The Vagrantfile provisions with the same packages and runs the same tests.
     packages) (($# == 1)) || usage; echo $PACKAGES ;;
@@ -332,6 +495,8 @@ case ${1:-} in
     build) (($# == 1)) || usage; cmd_build ;;
     run) shift; cmd_run "$@" ;;
     test) shift; cmd_test "$@" ;;
+    cluster) shift; cmd_cluster "$@" ;;
+    cluster-test) shift; cmd_cluster_test "$@" ;;
     *) usage ;;
 esac; exit "$?"  # on this line: bash reads a script as it runs, so an edit to this file
                  # during a long build or run must not be read as the next command

@@ -181,14 +181,21 @@ def load_trace(path: str) -> list[tuple[float, dict[str, Any]]]:
 CUMULATIVE = ("packets", "bytes", "drops", "requeues")
 
 
-def netem_counters(pid: int, dev: str) -> dict[str, int]:
+def netem_counters(pid: int, dev: str, node: Any = None) -> dict[str, int]:
     """The netem qdisc's counters on `dev`, read in the namespace of process `pid` with
-    `tc -s -j` (mnexec -a: a node's shell is not safe to share with a scenario's thread)."""
-    res = subprocess.run(["mnexec", "-a", str(pid), "tc", "-s", "-j", "qdisc", "show", "dev",
-                          dev], capture_output=True, text=True, timeout=10)
-    if res.returncode != 0:
-        raise OSError(f"tc -s qdisc show dev {dev}: {res.stderr.strip()}")
-    for q in json.loads(res.stdout or "[]"):
+    `tc -s -j` (mnexec -a: a node's shell is not safe to share with a scenario's thread).
+    A `node` on another server (Mininet's cluster edition) is read there, over SSH."""
+    cmd = ["mnexec", "-a", str(pid), "tc", "-s", "-j", "qdisc", "show", "dev", dev]
+    if getattr(node, "isRemote", False):
+        out = node.rcmd(cmd, tt=False)
+        if not out.lstrip().startswith("["):
+            raise OSError(f"tc -s qdisc show dev {dev} on {node.server}: {out.strip()}")
+    else:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        if res.returncode != 0:
+            raise OSError(f"tc -s qdisc show dev {dev}: {res.stderr.strip()}")
+        out = res.stdout
+    for q in json.loads(out or "[]"):
         if q.get("kind") == "netem":
             return {k: int(q.get(k, 0)) for k in (*CUMULATIVE, "backlog", "qlen")}
     raise OSError(f"no netem qdisc on {dev}")
@@ -256,7 +263,7 @@ class NetemBackend(LinkBackend):
             link = f"{key[0]}-{key[1]}"
             out[link] = {"params": self.params[key].to_dict()}
             for d, intf in zip(("up", "down"), self._intfs(key), strict=True):
-                now = netem_counters(intf.node.pid, intf.name)
+                now = netem_counters(intf.node.pid, intf.name, intf.node)
                 last = self._last.get((link, d), {}) if window else {}
                 out[link][d] = {k: v - last.get(k, 0) if k in CUMULATIVE else v
                                 for k, v in now.items()}

@@ -72,10 +72,16 @@ class LoopbackNetwork:
 
 def read_net_dev(path: str = "/proc/net/dev") -> dict[str, dict[str, int]]:
     with open(path) as f:
-        lines = f.readlines()[2:]
+        return parse_net_dev(f.read())
+
+
+def parse_net_dev(text: str) -> dict[str, dict[str, int]]:
+    """The counters in the text of a /proc/net/dev (two header lines, then one per device)."""
     out = {}
-    for line in lines:
+    for line in text.splitlines()[2:]:
         name, _, rest = line.partition(":")
+        if not rest.strip():
+            continue
         v = [int(x) for x in rest.split()]
         # Columns: rx bytes packets errs drop fifo frame compressed multicast, then tx ...
         out[name.strip()] = {

@@ -171,13 +171,24 @@ class Cluster(Section):
                          description="<ip>:<port> the control socket binds on too, for the "
                                      "forwarders (port 0: any free one); empty: local only")
     remote: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=list, description="hosts whose node runs on another machine")
+        default_factory=list, description="hosts whose node runs on another machine (with "
+                                          "servers: those placed on another server are added)")
+    servers: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Mininet cluster edition servers (name or IP, "
+                                          "'localhost' for this one); empty: one machine")
+    placer: Literal["switchbin", "hostswitchbin", "roundrobin", "random"] = Field(
+        "switchbin", description="Mininet's placer for nodes that `place` does not name")
+    place: dict[str, Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict, description="node -> server, over the placer's choice")
 
     @model_validator(mode="after")
     def _remote_needs_control(self) -> Cluster:
-        if self.remote and not self.control:
+        if (self.remote or self.servers) and not self.control:
             raise ValueError("remote hosts need a TCP control endpoint in cluster.control, "
                              "e.g. 10.0.0.1:7000")
+        if unknown := sorted(set(self.place.values()) - set(self.servers)):
+            raise ValueError(f"cluster.place names server(s) {unknown} not in cluster.servers "
+                             f"{self.servers}")
         return self
 
 

@@ -37,6 +37,7 @@ from testbed.emu.topology import load_topology, script_of
 from testbed.errors import BadInput, ConfigError, NodesDead, RunFailed
 from testbed.plan.config import RunConfig
 from testbed.plan.runplan import PlanError, RunPlan, host_roles, per_host, plan_run
+from testbed.run.cluster import ClusterLauncher, Forwarders
 from testbed.run.control import ControlChannel
 from testbed.run.evaluate import Evaluator
 from testbed.run.fidelity import Fidelity
@@ -131,6 +132,7 @@ class Experiment:
         self.security: dict[str, Security] = {}
         self._ctl_dir: str | None = None
         self.launcher: Launcher | None = None
+        self.forwarders = Forwarders()  # control forwarders on other servers (cluster.servers)
         self.controller: Any = None  # testbed.emu.routing.Controller on Mininet networks
         self.placement_plan: dict | None = None  # the controller's, when it placed a chain
         # Device heterogeneity, host -> value (testbed.emu.network.LimitedHost; nodes.context).
@@ -306,6 +308,26 @@ class Experiment:
                 if self.limits:
                     console.print(f"[yellow]loopback network: cpu and mem_mb are NOT applied "
                                   f"({self.limits})")
+            elif cfg.cluster.servers:  # Mininet's cluster edition (docs/cluster.md)
+                from testbed.emu.cluster import build_cluster
+
+                if self.limits:
+                    raise BadInput(f"cluster.servers: cpu and mem_mb limits are per machine and "
+                                   f"not applied on a cluster ({self.limits})")
+                if cfg.run.launcher != "zygote":
+                    raise BadInput("cluster.servers: this machine's nodes need run.launcher "
+                                   "zygote (Mininet's RemoteHost.popen detaches mnexec here)")
+                try:
+                    self.network = build_cluster(
+                        self.topo, self.caps, servers=cfg.cluster.servers,
+                        placer=cfg.cluster.placer, place=cfg.cluster.place,
+                        link_backend=cfg.net.link_backend)
+                except ValueError as e:
+                    raise BadInput(str(e)) from None
+                # The hosts placed on other servers are remote nodes, whatever the config said.
+                cfg.cluster.remote = sorted({*cfg.cluster.remote,
+                                             *self.network.remote_hosts()})
+                self.launcher = ClusterLauncher(self.launcher)
             else:
                 from testbed.emu.network import build_network
 
@@ -337,6 +359,10 @@ class Experiment:
                                 max_connections=2 * len(hosts) + 8)
             self.control.open(self._plane, self.local_control, hosts,
                               tcp=cfg.cluster.control)
+            if cfg.cluster.servers and not self.loopback:  # before any remote node dials
+                self.forwarders.start(self.network.net.hosts,
+                                      self.remote_control.removeprefix("ipc://"),
+                                      self.control.tcp, cfg.timeouts.start_s)
             if self.on_start:
                 self.on_start(self)
             first = self._resume_start() if self.resume else 1
@@ -588,6 +614,8 @@ class Experiment:
         if self.launcher:
             with suppress(Exception):
                 self.launcher.close()
+        with suppress(Exception):
+            self.forwarders.stop()
         self.control.close()
         if self._plane:
             self._plane.close()
