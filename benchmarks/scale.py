@@ -70,7 +70,7 @@ def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
     cfg = RunConfig(name=f"scale{n}-{launcher}", dataset="digits", model="smallcnn",
                     cuts=["conv2"], rounds=1, iters_per_round=3, batch_size=8, train_limit=None,
                     evaluate=False, launcher=launcher, out_dir=out_dir, step_timeout_s=300,
-                    start_timeout_s=600)
+                    start_timeout_s=1800)
     res: dict = {"clients": n, "launcher": launcher, "shaped": shaped,
                  "relay_layout": "per-link" if relay_processes == "0" else "shared"}
     t0 = time.perf_counter()
@@ -126,13 +126,17 @@ def main() -> int:
                                                   "with --shaped 50,200,500,1000)")
     ap.add_argument("--shaped", action="store_true", help="every client link 20 Mbit/s, 10 ms")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="--shaped: skip the one-relay-per-link run at the first size")
+    ap.add_argument("--append", action="store_true",
+                    help="--shaped: keep the out file's rows, replacing those measured again")
     a = ap.parse_args()
     sizes = [int(s) for s in (a.sizes or ("50,200,500,1000" if a.shaped
                                           else "10,50,100,200")).split(",")]
     out = a.out or os.path.join(ROOT, "benchmarks", "results",
                                 "scale_shaped.json" if a.shaped else "scale.json")
     if a.shaped:
-        return shaped_main(sizes, out)
+        return shaped_main(sizes, out, baseline=not a.no_baseline, append=a.append)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
         rows.append(run(10, "popen", tmp))
@@ -161,12 +165,12 @@ def main() -> int:
     return 0
 
 
-def shaped_main(sizes: list[int], out: str) -> int:
+def shaped_main(sizes: list[int], out: str, baseline: bool = True, append: bool = False) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
-        # Side by side at the first size: one relay process per link, as before.
-        rows.append(run(sizes[0], "zygote", tmp, shaped=True, relay_processes="0"))
-        print(json.dumps(rows[-1]), flush=True)
+        if baseline:  # side by side at the first size: one relay process per link, as before
+            rows.append(run(sizes[0], "zygote", tmp, shaped=True, relay_processes="0"))
+            print(json.dumps(rows[-1]), flush=True)
         for n in sizes:
             try:
                 rows.append(run(n, "zygote", tmp, shaped=True))
@@ -176,6 +180,11 @@ def shaped_main(sizes: list[int], out: str) -> int:
                 print(json.dumps(rows[-1]), flush=True)
                 break
             print(json.dumps(rows[-1]), flush=True)
+    if append and os.path.exists(out):
+        with open(out) as f:
+            old = json.load(f)["rows"]
+        key = {(r["clients"], r["relay_layout"]) for r in rows}
+        rows = [r for r in old if (r["clients"], r["relay_layout"]) not in key] + rows
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"rows": rows}, f, indent=2)
