@@ -128,6 +128,36 @@ def test_killed_run_ends_bit_identical_to_uninterrupted_run(killed, reference):
     assert_bitwise_equal(final_params(exp.run_dir.path), reference)
 
 
+def test_a_client_killed_between_rounds_is_restarted_at_the_next_broadcast(tmp_path, reference):
+    """Dead before round 2 starts, when nobody is collecting: the round-2 command cannot be
+    sent to it. That is a death to recover from (restart from round 1's checkpoints, round 2
+    done once), not a send error that ends the run (it was, until 2026-12-05)."""
+    seen: dict = {}
+
+    def on_round(exp: Experiment, rnd: int) -> None:
+        if rnd != 1:
+            return
+        proc = exp.procs["c2"]
+        seen["pid"] = proc.pid
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while proc.returncode() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the controller's socket drops its pipe to the dead process
+
+    exp = run(tmp_path, loopback=True, on_round=on_round)
+    path = exp.run_dir.path
+    rounds = read_rounds(path)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    kinds = [(e["kind"], e.get("node"), e.get("round")) for e in events(path)]
+    assert kinds == [("node_dead", "c2", 2), ("rollback", None, 2), ("restart", "c2", None),
+                     ("redo", None, 2)]
+    assert exp.procs["c2"].pid != seen["pid"]
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["rounds_lost"] == 0
+    assert_bitwise_equal(final_params(path), reference)
+
+
 def test_heartbeats_survive_a_transfer_longer_than_the_dead_node_timeout(tmp_path):
     # 0.12 Mbit/s client links: one activation takes ACT_BYTES * 8 / 0.12e6 = 2.2 s, twice
     # the 1 s (4 x 0.25 s) after which a silent node is declared dead.

@@ -62,7 +62,26 @@ class ControlChannel:
 
     def broadcast(self, rnd: int, **meta: Any) -> None:
         for name in self.exp.procs:
-            self.send(name, rnd, **meta)
+            try:
+                self.send(name, rnd, **meta)
+            except ConnectionError:
+                self._await_death(name)
+                raise
+
+    def _await_death(self, node: str) -> None:
+        """The control socket has no pipe to `node`: its process went away, e.g. between two
+        rounds, when nobody was collecting. Wait (reading heartbeats, so live nodes stay
+        live) until recovery sees the death, and raise it as one (NodesDead, so the round is
+        redone from the last checkpoints) instead of a send error. Returns if it does not
+        show within the dead-node timeout: the caller raises the send error then."""
+        exp = self.exp
+        deadline = time.monotonic() + exp.recovery.liveness.timeout_s
+        while time.monotonic() < deadline:
+            if node in exp.recovery.dead():
+                self.fail_if_dead()
+            with contextlib.suppress(TimeoutError):
+                sender, msg = self.endpoint.recv(0.05)
+                exp.recovery.on_message(sender, msg)  # anything else is stale between rounds
 
     def interrupt(self, node: str, rnd: int, **meta: Any) -> None:
         """To the node's heartbeat thread (it acts at once, even mid-round); best effort."""

@@ -487,9 +487,9 @@ class Experiment:
             self.roles["client"], {c: i["samples"] for c, i in self.shard_info.items()})
         while True:  # a node dying mid-round makes the round redo (testbed.run.recovery)
             attempts += 1
-            self.control.broadcast(rnd, cmd="round", iters=self.iters,
-                            **({"clients": members} if members is not None else {}))
-            try:
+            try:  # a node that died between rounds shows at this broadcast
+                self.control.broadcast(rnd, cmd="round", iters=self.iters,
+                                       **({"clients": members} if members is not None else {}))
                 self._doing = (rnd, attempts)
                 self.show_progress()
                 reports = self.control.collect("REPORT", rnd, self.cfg.timeouts.round_s,
