@@ -67,8 +67,7 @@ def test_psl_with_a_client_on_another_machine_trains_as_on_one(tmp_path):
     # Per-link bytes from both machines: c2's end of the tunnel on the other server, the
     # switch's end of it and the local links here. The tunnel's two ends count the same
     # frames: what c2 sent is what s1 received (GRE headers are outside the tap device).
-    s1_c2 = next(i.name for i in exp.network.net.get("s1").intfList()
-                 if i.link and "c2" in (i.link.intf1.node.name, i.link.intf2.node.name))
+    s1_c2 = f"s1-eth{exp.topo.port('s1', 'c2')[0]}"  # Mininet names ports by the topology's
     for r in rounds:
         ifaces = r["interfaces"]
         assert {"c1-eth0", "c2-eth0", "srv-eth0", s1_c2} <= set(ifaces), sorted(ifaces)
