@@ -16,12 +16,22 @@
 #                absolute path, so the venv works unchanged.
 #   test [--out DIR]
 #                `run` the network tests that need netem / Open vSwitch (GUEST_TESTS below).
+#   cluster [--out DIR] -- CMD
+#                boot two guests on a private host bridge (slgbr0, taps slgtap0/1, no host
+#                address, IPv6 off, no routing or NAT; guests 10.213.7.1 and .2), root SSH
+#                between them with a key made for this boot, and run CMD in guest 1 with
+#                SLEDGE_CLUSTER_SERVER=10.213.7.2 and SLEDGE_CLUSTER_CONTROL=10.213.7.1 (guest
+#                2 is a Mininet cluster server). Bridge, taps and both QEMUs go on exit. --out
+#                DIR gets guest 1's $SLEDGE_VM_OUT, guest 2's in DIR/guest2.
+#   cluster-test [--out DIR]
+#                `cluster` the tests that need two machines (CLUSTER_TESTS below).
 #   packages, tests
 #                print the guest's package list / test list (the Vagrantfile uses both).
 #
-# What it does not: no guest network at all (no tap, bridge, NAT or forwarding), no package
-# install on the host except `setup`, no multi-guest runs yet, no KVM on hosts
-# without real hardware virtualisation (it uses QEMU's TCG emulator there: slow but works).
+# What it does not: no network for `run`/`test` guests (for `cluster`, only the private
+# bridge above: nothing reaches the host or beyond), no package install on the host except
+# `setup`, no KVM on hosts without real hardware virtualisation (it uses QEMU's TCG emulator
+# there: slow but works).
 #
 # Exit codes: CMD's own code after `run`/`test`; 0 for a good `build`; 2 bad arguments;
 #   77 cannot run here (QEMU/host tools missing, no image, not root for build; automake's
@@ -30,7 +40,8 @@
 #
 # Environment: SLEDGE_VM_CACHE (default build/vm in the project, git-ignored),
 #   SLEDGE_VM_TIMEOUT (default 3600),
-#   SLEDGE_VM_MEM (MiB, default 2048), SLEDGE_VM_CPUS (default 2).
+#   SLEDGE_VM_MEM (MiB, default 2048), SLEDGE_VM_CPUS (default 2); for `cluster`, guest 2 has
+#   1 vCPU and SLEDGE_VM_MEM2 MiB (default 1536).
 set -euo pipefail
 
 PROJECT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
