@@ -32,6 +32,7 @@ import psutil
 
 from testbed import Experiment
 from testbed.emu.links import RELAY_PROCESSES_ENV
+from testbed.emu.network import IPv4Host
 from testbed.emu.topology import load_topology
 from testbed.plan.config import RunConfig
 
@@ -58,8 +59,14 @@ def relay_pids(exp: Experiment) -> tuple[list[int], list[int]]:
     return procs, [exp.network.net.get(x).pid for x in links.relays.values()]
 
 
+def relayed_gbit(exp: Experiment) -> float:
+    """Gbit the relays have forwarded since they started, both directions of every link."""
+    st = exp.network.links.stats()
+    return sum(s[d]["bytes"] for s in st.values() for d in ("up", "down")) * 8 / 1e9
+
+
 def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
-        relay_processes: str | None = None) -> dict:
+        relay_processes: str | None = None, ipv6: bool = False) -> dict:
     params = {"clients": n, "bw": 20, "delay": "10ms"} if shaped else \
         {"clients": n, "bw": None, "delay": "0ms"}
     topo, _ = load_topology(os.path.join(ROOT, "topologies", "tiny.py"), params=params)
@@ -71,8 +78,10 @@ def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
                     cuts=["conv2"], rounds=1, iters_per_round=3, batch_size=8, train_limit=None,
                     evaluate=False, launcher=launcher, out_dir=out_dir, step_timeout_s=300,
                     start_timeout_s=1800)
+    IPv4Host.ipv6 = ipv6  # hosts' IPv6 off, as sledge runs them; on: the side-by-side row
     res: dict = {"clients": n, "launcher": launcher, "shaped": shaped,
-                 "relay_layout": "per-link" if relay_processes == "0" else "shared"}
+                 "relay_layout": ("per-link" if relay_processes == "0" else "shared")
+                 + (", IPv6 on" if ipv6 else "")}
     t0 = time.perf_counter()
 
     def clients(exp: Experiment) -> list[int]:
@@ -97,6 +106,8 @@ def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
             + res["link_emulation_mb_per_client"]
         res["_relay_cpu0"] = sum(psutil.Process(p).cpu_times().user
                                  + psutil.Process(p).cpu_times().system for p in relays)
+        # What the relays forwarded before round 1 (ARP, and IPv6's multicast when on).
+        res["relay_gbit_startup"] = relayed_gbit(exp) if relays else 0.0
 
     def after(exp: Experiment, rnd: int) -> None:
         trained = pss_mb(clients(exp))
@@ -106,8 +117,7 @@ def run(n: int, launcher: str, out_dir: str, shaped: bool = False,
         if relays:
             cpu = sum(psutil.Process(p).cpu_times().user + psutil.Process(p).cpu_times().system
                       for p in relays)
-            st = exp.network.links.stats()
-            gbit = sum(s[d]["bytes"] for s in st.values() for d in ("up", "down")) * 8 / 1e9
+            gbit = relayed_gbit(exp) - res["relay_gbit_startup"]  # the round's alone
             res["relay_cpu_s"] = cpu - res.pop("_relay_cpu0")
             res["relay_gbit_forwarded"] = gbit
             res["relay_cpu_s_per_gbit"] = res["relay_cpu_s"] / gbit if gbit else None
@@ -128,6 +138,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-baseline", action="store_true",
                     help="--shaped: skip the one-relay-per-link run at the first size")
+    ap.add_argument("--ipv6-baseline", action="store_true",
+                    help="--shaped: at the first size also run with the hosts' IPv6 on (as "
+                         "before sledge turned it off), side by side")
     ap.add_argument("--append", action="store_true",
                     help="--shaped: keep the out file's rows, replacing those measured again")
     a = ap.parse_args()
@@ -136,7 +149,8 @@ def main() -> int:
     out = a.out or os.path.join(ROOT, "benchmarks", "results",
                                 "scale_shaped.json" if a.shaped else "scale.json")
     if a.shaped:
-        return shaped_main(sizes, out, baseline=not a.no_baseline, append=a.append)
+        return shaped_main(sizes, out, baseline=not a.no_baseline, append=a.append,
+                           ipv6_baseline=a.ipv6_baseline)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
         rows.append(run(10, "popen", tmp))
@@ -165,9 +179,13 @@ def main() -> int:
     return 0
 
 
-def shaped_main(sizes: list[int], out: str, baseline: bool = True, append: bool = False) -> int:
+def shaped_main(sizes: list[int], out: str, baseline: bool = True, append: bool = False,
+                ipv6_baseline: bool = False) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="sledge-bench-") as tmp:
+        if ipv6_baseline:
+            rows.append(run(sizes[0], "zygote", tmp, shaped=True, ipv6=True))
+            print(json.dumps(rows[-1]), flush=True)
         if baseline:  # side by side at the first size: one relay process per link, as before
             rows.append(run(sizes[0], "zygote", tmp, shaped=True, relay_processes="0"))
             print(json.dumps(rows[-1]), flush=True)

@@ -22,7 +22,7 @@ from typing import Any
 from mininet.link import TCIntf, TCLink
 from mininet.log import error, setLogLevel
 from mininet.net import Mininet
-from mininet.node import CPULimitedHost, OVSBridge
+from mininet.node import CPULimitedHost, Host, OVSBridge
 from mininet.nodelib import LinuxBridge
 from mininet.topo import Topo
 
@@ -76,7 +76,23 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-class LimitedHost(CPULimitedHost):
+class IPv4Host(Host):
+    """A Mininet host with IPv6 off. sledge addresses hosts over IPv4 only, and with IPv6 on
+    every interface that comes up sends link-local multicast (duplicate-address checks, router
+    solicitations, MLD reports) that a switch floods to all its ports, through every relay on
+    the way: N^2 frames for N hosts on one switch, which dominated a 1000-client start-up
+    (docs/scale.md). A topology that wants IPv6 declares its own host class."""
+
+    ipv6 = False  # True: leave the kernel's default (benchmarks/scale.py's side-by-side row)
+
+    def config(self, **params: Any) -> dict:
+        if not self.ipv6:
+            self.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 "
+                     "net.ipv6.conf.default.disable_ipv6=1")
+        return super().config(**params)
+
+
+class LimitedHost(IPv4Host, CPULimitedHost):
     """CPULimitedHost (cpu: fraction of the whole machine, CFS quota) plus mem_mb: a cgroup v1
     memory limit, which Mininet lacks. The memory cgroup holds the host's shell (so `cmd`
     children are limited, as CPULimitedHost does for cpu); `popen` does not join it (mnexec -g
@@ -311,7 +327,7 @@ def build_network(topo: Topo, caps: Capabilities, *, link_backend: str = "auto",
     links = choose_backend(caps.netem, link_backend)
     topo = links.prepare(limit_hosts(topo, limits))
     switch = OVSBridge if caps.ovs else LinuxBridge
-    net = Mininet(topo=topo, switch=switch, controller=None, link=ShapedLink,
+    net = Mininet(topo=topo, host=IPv4Host, switch=switch, controller=None, link=ShapedLink,
                   autoSetMacs=True, build=False, waitConnected=False)
     try:
         net.build()
