@@ -16,6 +16,7 @@ import pytest
 
 import testbed.emu.topolib as topolib
 from testbed.emu.topology import load_topology
+from testbed.plan.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "topologies" / "tiny.py")
@@ -113,11 +114,12 @@ def test_a_zygote_closed_while_it_warms_up_ends_and_leaves_nothing():
     starts closes it mid warm-up: the process ends and its folder goes (the leak check too)."""
     from testbed.run.launcher import ZygoteLauncher
 
-    z = ZygoteLauncher()
+    start_s = RunConfig().timeouts.start_s
+    z = ZygoteLauncher(start_timeout_s=start_s)
     assert z.client is None and z.proc.poll() is None  # started, not waited for
     z.close()
     assert z.proc.poll() is not None and not os.path.exists(z.dir)
-    z = ZygoteLauncher()  # one that warmed up: one connection, made on first use
+    z = ZygoteLauncher(start_timeout_s=start_s)  # warmed up: one connection, made on first use
     assert z.ready() is z.ready()
     z.close()
     assert z.proc.poll() is not None and not os.path.exists(z.dir)

@@ -20,7 +20,7 @@ from typing import Any
 from testbed.cli.options import add_run_options, overrides
 from testbed.emu.topology import _one_line, load_topology, parse_params
 from testbed.errors import ConfigError
-from testbed.plan.config import RunConfig
+from testbed.plan.config import Fidelity, RunConfig
 from testbed.run.versions import sledge_version
 from testbed.scenario.spec import Prepared, from_script, prepare, read
 
@@ -142,7 +142,8 @@ def cmd_linkcheck(a: argparse.Namespace) -> int:
     network = build_network(topo, caps)
     try:
         rows = linkcheck(network, pings=a.pings, iperf_s=a.iperf_s,
-                         tol=Tolerance(goodput_min=a.goodput_min))
+                         tol=Tolerance(goodput_min=a.goodput_min),
+                         min_idle=Fidelity().min_idle)  # the run's rule, as `run --linkcheck`
     finally:
         network.stop()
     print(format_rows(rows))

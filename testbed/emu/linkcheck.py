@@ -91,7 +91,7 @@ def iperf(client: Any, server: Any, seconds: float, port: int = 5201) -> float:
 
 
 def linkcheck(network: Any, *, pings: int = 200, iperf_s: float = 3.0,
-              tol: Tolerance | None = None, min_idle: float = 0.35) -> list[dict[str, Any]]:
+              min_idle: float, tol: Tolerance | None = None) -> list[dict[str, Any]]:
     """Each host's path to the reference host, measured against the model. Every row also
     says how idle the host CPU was while that path was measured (`host_idle_min`) and its
     `fidelity` (degraded below `min_idle`, Mininet-HiFi's rule): a path measured on a busy

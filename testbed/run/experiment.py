@@ -594,7 +594,8 @@ class Experiment:
         from testbed.emu.linkcheck import format_rows, linkcheck
 
         with console.status("linkcheck: measuring every path"):
-            rows = linkcheck(self.network, pings=50, iperf_s=2.0)
+            rows = linkcheck(self.network, pings=50, iperf_s=2.0,
+                             min_idle=self.cfg.fidelity.min_idle)
         self.run_dir.write_json("linkcheck.json", rows)
         console.print(format_rows(rows))
         bad = [r["pair"] for r in rows if not r["ok"]]

@@ -162,7 +162,7 @@ class ForkedNode(NodeProcess):
 class ZygoteLauncher(Launcher):
     name = "zygote"
 
-    def __init__(self, start_timeout_s: float = 120.0, preimport: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, start_timeout_s: float, preimport: tuple[str, ...] = ()) -> None:
         """Start the zygote and return at once: it warms up (imports torch, ~2 s) while the
         controller builds the network and the plan; the first `start` waits for it."""
         self.dir = owned_tmpdir("zygote")
