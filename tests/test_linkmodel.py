@@ -73,3 +73,27 @@ def test_one_translation_to_tc_for_declaration_netem_and_changes():
     assert quiet.netem_args() == "delay 0ms 0ms loss 0.00000%"
     again = LinkParams.from_mininet(**LinkParams.from_mininet(**p.to_mininet()).to_mininet())
     assert again.to_mininet() == p.to_mininet()
+
+
+@pytest.mark.parametrize("backend", ["netem", "relay"])
+def test_a_backend_builds_its_own_links_and_leaves_the_declared_topology_as_it_was(backend):
+    """The scenario's plan, the routing and the report read link parameters from the run's
+    topology; the netem backend used to pop them from it (found in the guest: a planned
+    set_link's delay read 0 where the link had 2 ms)."""
+    from testbed.emu.links import NetemBackend, RelayBackend
+    from testbed.emu.topolib import Topo
+
+    topo = Topo()
+    for h in ("h1", "h2"):
+        topo.addHost(h)
+    topo.addSwitch("s1")
+    topo.addLink("h1", "s1", bw=10, delay="2ms")
+    topo.addLink("s1", "h2")
+    before = [dict(i) for _, _, i in topo.links(sort=True, withInfo=True)]
+    b = NetemBackend() if backend == "netem" else RelayBackend()
+    built = b.prepare(topo)
+    assert [dict(i) for _, _, i in topo.links(sort=True, withInfo=True)] == before
+    assert built is not topo and b.params[("h1", "s1")].up.delay_ms == 2.0
+    if backend == "netem":  # TCLink's per-interface parameters, on the built copy only
+        info = built.linkInfo("h1", "s1")
+        assert info["params1"]["delay"] == "2ms" and "delay" not in info

@@ -209,6 +209,7 @@ def test_triggers_fire_in_order_and_reactions_see_their_context(cells3, tmp_path
         runner.before_round(n)
         if n == 1:
             runner.start_timer(lambda: clock["t"], thread=False)
+        runner.round_started(n)
         while runner._queue and runner._queue[0][0] <= 4 * n:
             clock["t"] = runner._queue[0][0]
             runner.run_due(clock["t"])

@@ -68,6 +68,19 @@ def relay_host_class() -> type:
     return RelayHost
 
 
+def copy_nodes(topo: Topo) -> Topo:
+    """A new topology with `topo`'s hosts and switches and no links: a backend builds its own
+    links into it and leaves the caller's topology as declared (a scenario's plan, the
+    report and the routing read the declared link parameters from it)."""
+    out = Topo()
+    for n in topo.nodes():
+        if topo.isSwitch(n):
+            out.addSwitch(n, **{k: v for k, v in topo.nodeInfo(n).items() if k != "isSwitch"})
+        else:
+            out.addHost(n, **topo.nodeInfo(n))
+    return out
+
+
 class LinkBackend:
     name = ""
 
@@ -212,16 +225,17 @@ class NetemBackend(LinkBackend):
         self._down: set[tuple[str, str]] = set()   # links cut by link_down
 
     def prepare(self, topo: Topo) -> Topo:
+        out = copy_nodes(topo)  # the caller's topology keeps its links' parameters
         for n1, n2, info in topo.links(sort=True, withInfo=True):
             p = LinkParams.from_mininet(**shaping_params(info))
             self.params[(n1, n2)] = p
             self.declared.append((n1, n2, p))
-            for k in list(shaping_params(info)):
-                info.pop(k)
+            rest = {k: v for k, v in info.items()
+                    if k not in shaping_params(info) and k not in ("node1", "node2")}
             # TCLink shapes each interface's egress: node1's is "up", node2's is "down".
-            info["params1"] = p.up.tc_kwargs(always_delay=True)
-            info["params2"] = p.down.tc_kwargs(always_delay=True)
-        return topo
+            out.addLink(n1, n2, **rest, params1=p.up.tc_kwargs(always_delay=True),
+                        params2=p.down.tc_kwargs(always_delay=True))
+        return out
 
     def start(self, net: Any) -> None:
         self.net = net
@@ -294,12 +308,7 @@ class RelayBackend(LinkBackend):
         self.dir: str | None = None
 
     def prepare(self, topo: Topo) -> Topo:
-        out = Topo()
-        for n in topo.nodes():
-            if topo.isSwitch(n):
-                out.addSwitch(n, **{k: v for k, v in topo.nodeInfo(n).items() if k != "isSwitch"})
-            else:
-                out.addHost(n, **topo.nodeInfo(n))
+        out = copy_nodes(topo)
         for i, (n1, n2, info) in enumerate(topo.links(sort=True, withInfo=True), start=1):
             rest = {k: v for k, v in info.items()
                     if k not in shaping_params(info) and k not in ("node1", "node2")}

@@ -481,10 +481,12 @@ class Experiment:
     def _round(self, rnd: int, evaluator: Evaluator | None) -> None:
         self.fidelity.begin_round()
         before = self.network.counters()
-        t0 = time.perf_counter()
-        attempts = 0
         members, choice = self.pool.choose(
             self.roles["client"], {c: i["samples"] for c, i in self.shard_info.items()})
+        t0 = time.perf_counter()
+        attempts = 0
+        for hook in self.hooks:  # e.g. a scenario's mid-round timers start here
+            hook.round_started(self, rnd)
         while True:  # a node dying mid-round makes the round redo (testbed.run.recovery)
             attempts += 1
             try:  # a node that died between rounds shows at this broadcast

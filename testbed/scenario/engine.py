@@ -35,8 +35,9 @@ from testbed.scenario.timeline import (
 
 # -- the engine ---------------------------------------------------------------------------------
 class ScenarioRunner:
-    """Fires a scenario's events. The experiment calls `before_round(n)` / `after_round(n)`
-    on its main thread and `start_timer()` once round 1 is about to start; time-triggered events
+    """Fires a scenario's events. The experiment calls `before_round(n)`, `round_started(n)`
+    (as round n's command goes out) and `after_round(n)` on its main thread, and
+    `start_timer()` as round 1's command goes out; time-triggered events
     (and the samples of a move, the rows of a trace) then run on a timer thread. Everything
     runs under `lock` (the experiment's event lock), one event at a time. `log(record)` writes
     each event, reaction and link state (testbed.run.experiment: events.jsonl and the round's
@@ -162,7 +163,13 @@ class ScenarioRunner:
         for i in self.by_round.get(("before_round", n), []):
             self._fire(i, thread="main")
         self._drain_deferred()
-        self.phase = "during_round"
+        self.check()
+
+    def round_started(self, n: int) -> None:
+        """Round n's command goes out now: its `during_round` events are due `at` seconds
+        from here. Not from `before_round`: what the run does in between (reading the
+        interface and qdisc counters that frame the round) takes seconds in a slow guest."""
+        self.round, self.phase = n, "during_round"
         for i in self.by_round.get(("during_round", n), []):
             self._push(self.t() + self.scenario.events[i].at, i, lambda i=i: self._fire(i),
                        f"events[{i}]")
@@ -307,6 +314,7 @@ def simulate(scenario: Scenario, topo: Any, *, seed: int, rounds: int, round_s: 
         runner.before_round(n)
         if n == 1:
             runner.start_timer(lambda: clock["t"], thread=False)
+        runner.round_started(n)
         end = n * round_s
         while runner._queue and runner._queue[0][0] <= end:
             clock["t"] = runner._queue[0][0]

@@ -44,13 +44,16 @@ class ScenarioHook(RunHook):
         return exp.scenario_runner
 
     def _step(self, exp: Any, phase: str, rnd: int) -> None:
-        """The events of a round boundary; the timer (`at` triggers) starts with round 1."""
+        """The events of a round boundary; the timer (`at` triggers) starts as the first
+        round's command goes out."""
         try:
             runner = self._runner(exp)
             if phase == "before_round":
                 runner.before_round(rnd)
+            elif phase == "round_started":
                 if not runner.started:
                     runner.start_timer()
+                runner.round_started(rnd)
             else:
                 runner.after_round(rnd)
         except RunFailed:
@@ -60,6 +63,9 @@ class ScenarioHook(RunHook):
 
     def before_round(self, exp: Any, rnd: int) -> None:
         self._step(exp, "before_round", rnd)
+
+    def round_started(self, exp: Any, rnd: int) -> None:
+        self._step(exp, "round_started", rnd)
 
     def after_round(self, exp: Any, rnd: int) -> None:
         self._step(exp, "after_round", rnd)
