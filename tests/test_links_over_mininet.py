@@ -134,6 +134,10 @@ def test_link_down_stops_traffic_and_link_up_restores_it(tiny):
     assert ping(c1, srv.IP(), 5)["lost"] == 0
 
 
+# Its tolerance is the project's RTT target, tighter than netem's own timing in an emulated
+# (TCG) guest: there c2's 20 ms path measured 21.3 ms with the guest idle enough to count
+# (docs/vm.md; docs/link-emulation.md has netem in a guest side by side with the relay).
+@pytest.mark.guest_heavy
 def test_sledge_linkcheck_passes_on_the_tiny_topology(no_leaks):
     sledge = os.path.join(os.path.dirname(sys.executable), "sledge")
     r = subprocess.run([sledge, "linkcheck", TINY, "-p", "delay=10ms", "-p", "bw=20",
