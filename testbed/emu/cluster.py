@@ -36,7 +36,7 @@ from mininet.topo import Topo
 from testbed.emu.capabilities import Capabilities
 from testbed.emu.links import choose_backend
 from testbed.emu.loopback import parse_net_dev, read_net_dev
-from testbed.emu.network import Network, ShapedIntf
+from testbed.emu.network import Network, ShapedIntf, start_net
 
 PLACERS = {"switchbin": SwitchBinPlacer, "hostswitchbin": HostSwitchBinPlacer,
            "roundrobin": RoundRobinPlacer, "random": RandomPlacer}
@@ -131,14 +131,5 @@ def build_cluster(topo: Topo, caps: Capabilities, *, servers: list[str], placer:
     net = MininetCluster(topo=topo, servers=servers, placement=PLACERS[placer],
                          host=RemoteHost, switch=RemoteOVSBridge, link=ClusterLink,
                          controller=None, autoSetMacs=True, build=False, waitConnected=False)
-    try:
-        net.build()
-        net.start()
-        links.start(net)
-    except BaseException:
-        try:
-            links.stop()
-        finally:
-            net.stop()
-        raise
+    start_net(net, links)
     return ClusterNetwork(net=net, caps=caps, links=links)

@@ -316,6 +316,21 @@ class Network:
             self.net.stop()
 
 
+def start_net(net: Mininet, links: LinkBackend) -> None:
+    """Build and start `net` and its link backend; on any failure stop what was started
+    before raising (one machine's Mininet or the cluster edition alike)."""
+    try:
+        net.build()
+        net.start()
+        links.start(net)
+    except BaseException:
+        try:
+            links.stop()
+        finally:
+            net.stop()
+        raise
+
+
 def build_network(topo: Topo, caps: Capabilities, *, link_backend: str = "auto",
                   verbosity: str = "warning",
                   limits: dict[str, dict[str, Any]] | None = None) -> Network:
@@ -329,14 +344,5 @@ def build_network(topo: Topo, caps: Capabilities, *, link_backend: str = "auto",
     switch = OVSBridge if caps.ovs else LinuxBridge
     net = Mininet(topo=topo, host=IPv4Host, switch=switch, controller=None, link=ShapedLink,
                   autoSetMacs=True, build=False, waitConnected=False)
-    try:
-        net.build()
-        net.start()
-        links.start(net)
-    except BaseException:
-        try:
-            links.stop()
-        finally:
-            net.stop()
-        raise
+    start_net(net, links)
     return Network(net=net, caps=caps, links=links)
