@@ -15,7 +15,8 @@ A run's "final" accuracy is the accuracy at its plateau round, "best" the best u
 "rounds to target" the first round reaching --target (%). Rounds after the plateau do not
 change rounds before it, so a fixed-length run measured this way equals a run stopped there.
 Writes fig4.md (the table over seeds: mean +- std), fig4.csv (every run and round), fig4.json
-and fig4.png (accuracy against rounds, mean over seeds with the min-max band) to --out.
+and fig4.png (accuracy against rounds, mean over seeds with the min-max band) to --out, after
+every run; --resume keeps the runs a json of the same configuration has and runs the rest.
 
     .venv/bin/python benchmarks/fig4.py --quick          # CI-sized smoke run
     .venv/bin/python benchmarks/fig4.py [--rounds 30] [--seeds 0 1 2] [--train-limit 6000]
@@ -31,6 +32,7 @@ import csv
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -283,6 +285,9 @@ def main() -> None:
     p.add_argument("--eta", type=float, default=1.0,
                    help="FLOPs per cycle of the modelled devices (the latency model's eta)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out's fig4 json (same configuration) and "
+                        "run only the missing ones: a long comparison can be split up")
     a = p.parse_args()
     if a.modelled_compute and a.network != "mininet":
         p.error("--modelled-compute needs --network mininet")
@@ -305,6 +310,11 @@ def main() -> None:
                                        a, profile)
                for label, scheme, opts in SCHEMES if label in a.schemes}
     results: dict[str, dict[int, dict]] = {}
+    earlier = 0.0  # wall time of the runs a --resume picks up
+    path = os.path.join(a.out, f"{name}.json")
+    if a.resume and os.path.exists(path):
+        results, earlier = resumed(path, a)
+        print(f"resuming {path}: {sum(map(len, results.values()))} run(s) done", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fig4-") as runs_dir:
         for label, scheme, options in SCHEMES:
@@ -313,13 +323,52 @@ def main() -> None:
             if scheme == "epsl" and a.epsl_bp_mode:
                 options = {**options, "epsl_bp_mode": a.epsl_bp_mode}
             for seed in a.seeds:
+                if seed in results.get(label, {}):
+                    continue
                 acc, wall, per_round = run_one(scheme, options, seed, a, runs_dir)
                 results.setdefault(label, {})[seed] = {
                     "acc": acc, "wall_s": wall, "round_s": per_round,
                     "summary": summarize_run(acc, a)}
                 print(f"{label:13s} seed {seed}: "
                       + " ".join(f"{x:.1f}" for x in acc) + f"  ({wall:.0f} s)", flush=True)
-    total = time.perf_counter() - t0
+                # after every run, so that an interrupted comparison loses at most one run
+                write(results, a, round_s, name, earlier + time.perf_counter() - t0)
+    total = earlier + time.perf_counter() - t0
+    lines, gap = write(results, a, round_s, name, total)
+    print("\n".join(lines))
+    if gap:
+        print(gap)
+    print(f"wrote {a.out}/{name}.{{md,csv,json,png}}; {total / 60:.1f} min of runs in all")
+
+
+# what a run's numbers depend on: a --resume must not mix runs that differ in any of these
+SAME_RUN = ("rounds", "clients", "cut", "epsl_bp_mode", "batch", "lr", "momentum",
+            "train_limit", "test_limit", "network", "modelled_compute", "eta", "quick")
+
+
+def resumed(path: str, a: argparse.Namespace) -> tuple[dict[str, dict[int, dict]], float]:
+    """The runs an earlier invocation wrote to `path`, if it ran the same configuration
+    (SAME_RUN); the plateau rule and target are re-applied to them, since they only read the
+    accuracies."""
+    with open(path) as f:
+        old = json.load(f)
+    was = old["args"]
+    if diff := [f"{k}={was.get(k)!r}" for k in SAME_RUN if was.get(k) != getattr(a, k)]:
+        print(f"fig4.py: --resume: {path} ran another configuration ({', '.join(diff)}); "
+              "use another --out or drop --resume", file=sys.stderr)
+        sys.exit(2)
+    results = {label: {int(seed): {**r, "summary": summarize_run(r["acc"], a)}
+                       for seed, r in runs.items()}
+               for label, runs in old["results"].items()}
+    return results, float(old["wall_s"])
+
+
+def write(results: dict[str, dict[int, dict]], a: argparse.Namespace,
+          round_s: dict[str, float | None], name: str, total: float) -> tuple[list[str], str]:
+    """fig4.{md,csv,json,png} of the runs so far; returns the table's lines and the EPSL gap."""
+    order = [label for label, _, _ in SCHEMES]  # a resumed file may hold them in another
+    results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0])))
+    n = sum(map(len, results.values()))
     head = [f"# Fig. 4: accuracy against rounds ({'quick' if a.quick else 'full'})", "",
             f"ResNet-18 (CIFAR stem, cut after {a.cut}) on Fashion-MNIST padded to 32x32, "
             f"{a.clients} IID clients, {a.train_limit} training / {a.test_limit} test samples, "
@@ -329,11 +378,10 @@ def main() -> None:
             f"rule: no gain of {a.min_delta} points in {a.patience} rounds. Modelled latency: "
             f"the seed's network and devices (70 MHz, clients 0.1-0.5 GHz, server 7 GHz, "
             f"eta {a.eta:g}) by each scheme's latency model, times the rounds to the target. "
-            f"Total wall time {total / 60:.1f} min.", ""]
-    gap = epsl_gap(results)
+            f"{n} run(s), {total / 60:.1f} min of wall time in all.", ""]
+    lines, gap = table(results, a, round_s), epsl_gap(results)
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write("\n".join(head + table(results, a, round_s) + ([""] + [gap] if gap else []))
-                + "\n")
+        f.write("\n".join(head + lines + ([""] + [gap] if gap else [])) + "\n")
     with open(os.path.join(a.out, f"{name}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["scheme", "seed", "round", "test_acc"])
@@ -344,11 +392,7 @@ def main() -> None:
         json.dump({"args": vars(a), "wall_s": total, "modelled_round_s": round_s,
                    "results": results}, f, indent=1)
     plot(results, os.path.join(a.out, f"{name}.png"), round_s)
-    print("\n".join(table(results, a, round_s)))
-    if gap:
-        print(gap)
-    print(f"wrote {a.out}/{name}.{{md,csv,json,png}} in {total / 60:.1f} min")
-
+    return lines, gap
 
 if __name__ == "__main__":
     main()
