@@ -248,15 +248,24 @@ start_guest() {
     GUEST_PID=$!
 }
 
-cmd_run() {
-    local outdir=""
+# parse_out ARGS: OUT_DIR from a leading `--out DIR`, CMD the words after it (and after an
+# optional `--`), for run and cluster.
+parse_out() {
+    OUT_DIR=""
     while (($#)); do
         case $1 in
-            --out) (($# >= 2)) || usage; outdir=$2; shift 2 ;;
+            --out) (($# >= 2)) || usage; OUT_DIR=$2; shift 2 ;;
             --) shift; break ;;
             *) break ;;
         esac
     done
+    CMD=("$@")
+}
+
+cmd_run() {
+    parse_out "$@"
+    set -- "${CMD[@]}"
+    local outdir=$OUT_DIR
     (($#)) || usage
     need_tools qemu-system-x86_64 qemu-img
     local img
@@ -394,14 +403,9 @@ set +e
 # cluster [--out DIR] -- CMD: CMD in guest 1 with guest 2 as a cluster server; its environment
 # has SLEDGE_CLUSTER_SERVER (guest 2) and SLEDGE_CLUSTER_CONTROL (guest 1's own address).
 cmd_cluster() {
-    local outdir=""
-    while (($#)); do
-        case $1 in
-            --out) (($# >= 2)) || usage; outdir=$2; shift 2 ;;
-            --) shift; break ;;
-            *) break ;;
-        esac
-    done
+    parse_out "$@"
+    set -- "${CMD[@]}"
+    local outdir=$OUT_DIR
     (($#)) || usage
     [[ $(id -u) -eq 0 ]] || die 77 "cannot run here: a host bridge and taps need root"
     need_tools qemu-system-x86_64 qemu-img ip ssh-keygen
