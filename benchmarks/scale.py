@@ -15,6 +15,15 @@ shells). Side by side at the first size, the same run with one relay process per
 (SLEDGE_RELAY_PROCESSES=0, the layout before the shared relay).
 
     sudo .venv/bin/python benchmarks/scale.py --shaped [--sizes 50,200,500,1000]
+
+Also with --shaped: --no-baseline skips the one-relay-per-link run (at 1000 clients it would
+not fit in memory here), --ipv6-baseline adds a run at the first size with the hosts' IPv6 on
+(the start-up flood it causes, side by side), and --append keeps the out file's other sizes,
+so one large size can be measured on its own:
+
+    sudo .venv/bin/python benchmarks/scale.py --shaped --sizes 1000 --no-baseline --append
+
+The round's relay traffic is measured apart from start-up's (relay_gbit_startup).
 """
 
 from __future__ import annotations
