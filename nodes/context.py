@@ -37,9 +37,15 @@ def save_state(state: dict[str, Any], path: str) -> None:
     naming the file. A partial file is removed."""
     buf = io.BytesIO()
     torch.save(state, buf)
+    write_file(buf.getbuffer(), path)
+
+
+def write_file(data: bytes | memoryview, path: str) -> None:
+    """One plain write of `data`, synced to disk; on failure the partial file is removed and
+    the OSError names the file."""
     try:
         with open(path, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
@@ -48,6 +54,16 @@ def save_state(state: dict[str, Any], path: str) -> None:
         if e.filename is None:
             e.filename = path
         raise
+
+
+def install_checkpoint(tmp: str, path: str, keep_prev: bool = True) -> None:
+    """Make the fully written `tmp` the checkpoint at `path` by a rename (a reader sees the old
+    file or the new one, never half of one); with keep_prev the file it replaces becomes
+    `path.prev`. Nodes and the controller (for a remote node's checkpoint) keep them alike."""
+    if keep_prev and os.path.exists(path):
+        os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+
 
 @dataclass(frozen=True)
 class ComputeModel:
@@ -339,9 +355,7 @@ class NodeContext:
                  "rng": torch.get_rng_state()}
         tmp = f"{self.ckpt_path}.tmp"
         save_state(state, tmp)
-        if os.path.exists(self.ckpt_path):
-            os.replace(self.ckpt_path, f"{self.ckpt_path}.prev")
-        os.replace(tmp, self.ckpt_path)
+        install_checkpoint(tmp, self.ckpt_path)
 
     def restore(self, rnd: int) -> None:
         """Load the checkpoint of round `rnd` (the current or the previous file) and make it

@@ -14,10 +14,10 @@ node writes its own, so evaluation and resume read the same file either way.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from nodes.context import install_checkpoint, write_file
 from testbed.errors import NodesDead, RunFailed
 
 if TYPE_CHECKING:
@@ -182,11 +182,8 @@ class ControlChannel:
         replaces the current file only, so `.prev` stays the round before."""
         path = self.exp.run_dir.file("ckpt", f"{node}.pt")
         tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data.numpy().tobytes())
-        if self._kept.get(node, rnd) < rnd and os.path.exists(path):
-            os.replace(path, f"{path}.prev")
-        os.replace(tmp, path)
+        write_file(data.numpy().tobytes(), tmp)
+        install_checkpoint(tmp, path, keep_prev=self._kept.get(node, rnd) < rnd)
         self._kept[node] = rnd
 
     def rejections(self) -> dict[str, int]:
