@@ -248,7 +248,8 @@ def plot(results: dict[str, dict[int, dict]], path: str,
     for x in (ax, bx):
         x.set_ylabel("test accuracy (%)")
         x.grid(alpha=0.3)
-        x.legend(fontsize=8)
+        if x.lines:  # the right panel is empty when only FL (no latency model) has run
+            x.legend(fontsize=8)
     ax.set_title("ResNet-18 on Fashion-MNIST 32x32 (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
