@@ -9,12 +9,11 @@ tensor (FL and SFL after FedAvg) are scored once: the score would be the same.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from nodes.compression import Codec
 from nodes.data import ArrayDataset
+from nodes.migrate import state_hash
 from nodes.models import build_model, split_model
 
 
@@ -44,26 +43,16 @@ class Evaluator:
                  parts: dict[str, list[tuple[str, int]]]) -> dict[str, float]:
         """parts: client -> [(node, segment index)] in model order."""
         states = {n: torch.load(p, weights_only=True)["segments"] for n, p in ckpt_paths.items()}
-        digest: dict[tuple[str, int], bytes] = {}
-        scores: dict[tuple[bytes, ...], float] = {}
+        digest: dict[tuple[str, int], str] = {}
+        scores: dict[tuple[str, ...], float] = {}
         out = {}
         for c, plist in parts.items():
             for n, s in plist:
                 if (n, s) not in digest:
-                    digest[n, s] = _digest(states[n][s])
+                    digest[n, s] = state_hash(states[n][s], {})  # names, dtypes, bytes
             key = tuple(digest[n, s] for n, s in plist)
             if key not in scores:
                 scores[key] = self.accuracy([states[n][s] for n, s in plist])
             out[c] = scores[key]
         return out
 
-
-def _digest(state: dict[str, torch.Tensor]) -> bytes:
-    """A segment's weights and buffers, names, shapes and dtypes included: equal digests
-    mean equal models (a collision of blake2b is not a practical concern)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
